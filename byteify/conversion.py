@@ -1,0 +1,384 @@
+"""Conversion: stream a validated source checkpoint into a BLT model directory that
+``transformers.AutoModelForCausalLM`` loads as ``BltForCausalLM``.
+
+The source's decoder layers become the global transformer, tensor by tensor, following the
+declarative map (``tensor_maps/llama.json``) and the few transforms that need code
+(:data:`TRANSFORMS`, the RoPE permutation).  Fresh parts come from transformers' own BLT init.
+The output is built in a temporary sibling directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import ByteifyError
+from .presets import ArchitectureSpec, resolve
+from .sources import SourceCheckpoint, load_tensor_map, sha256_file
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, save_byte_tokenizer
+
+SIDE_DIR = "byteify_source"  # transformers ignores it: source tokenizer, embeddings, head, final norm
+METADATA_FILE = "byteify.json"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def rope_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF Llama q/k rows are ordered for ``rotate_half`` (first half, second half of each head);
+    BLT rotates adjacent pairs (Meta's interleaved convention).  Reorder each head's rows
+    (x0..x_{d/2-1}, y0..y_{d/2-1}) -> (x0, y0, x1, y1, ...)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim).contiguous()
+
+
+def interleaved_to_rope_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`rope_to_interleaved` (used when exporting back to Llama layout)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim).contiguous()
+
+
+TRANSFORMS = {"rope_to_interleaved": rope_to_interleaved}
+
+
+def apply_transform(entry: dict, fmt: str, tensor: torch.Tensor, config) -> torch.Tensor:
+    spec = entry.get("transform", {}).get(fmt)
+    if not spec:
+        return tensor
+    name, arg = spec
+    return TRANSFORMS[name](tensor, getattr(config, arg))
+
+
+def global_params(source: SourceCheckpoint) -> int:
+    d = source.dims()
+    per_layer = d["hidden"] * (2 * d["q_dim"] + 2 * d["kv_dim"]) + 3 * d["hidden"] * d["ffn"] + 2 * d["hidden"]
+    return per_layer * source.config.num_hidden_layers
+
+
+def build_blt_config(source: SourceCheckpoint, spec: ArchitectureSpec):
+    """The full ``BltConfig``: global transformer = the source's shape; the rest from the spec."""
+    from transformers import BltConfig
+
+    s = resolve(spec, source.config.hidden_size, global_params(source))
+    src = source.config
+    global_cfg = {k: getattr(src, k) for k in load_tensor_map()["global_config_from_source"]}
+    global_cfg["rope_parameters"] = dict(global_cfg["rope_parameters"])
+
+    def local(part, **extra):
+        return {
+            "hidden_size": part.hidden_size, "num_attention_heads": part.num_attention_heads,
+            "num_hidden_layers": part.num_hidden_layers, "intermediate_size": part.intermediate_size,
+            "cross_attn_k": s.cross_attn_k, "hidden_size_global": src.hidden_size,
+            "max_position_embeddings": s.max_byte_positions, "rms_norm_eps": src.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": part.rope_theta}, **extra,
+        }
+
+    e = s.entropy
+    config = BltConfig(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=src.max_position_embeddings,
+        patch_in_forward=True,
+        patching_mode=s.patching.mode,
+        patching_threshold=s.patching.threshold,
+        patch_size=s.patching.patch_size,
+        max_patch_length=s.patching.max_patch_length,
+        local_attention_window_len=s.local_attention_window,
+        cross_attn_k=s.cross_attn_k,
+        encoder_hash_byte_group_size=list(s.hash.ngram_sizes),
+        encoder_hash_byte_group_vocab=s.hash.vocab_size,
+        encoder_hash_byte_group_nb_functions=s.hash.functions,
+        encoder_config=local(s.encoder, cross_attn_all_layers=False),
+        decoder_config=local(s.decoder, cross_attn_all_layers=True),
+        global_config=global_cfg,
+        patcher_config={
+            "hidden_size": e.hidden_size, "num_hidden_layers": e.num_hidden_layers,
+            "num_attention_heads": e.num_attention_heads, "intermediate_size": e.intermediate_size,
+            "sliding_window": e.sliding_window, "max_position_embeddings": e.max_position_embeddings,
+            "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": e.rope_theta},
+        },
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        # transformers 5.24's BLT fails to build its cache (AttributeError on num_hidden_layers):
+        # forward passes and generate() must run cache-free unless byteify's generator is used.
+        use_cache=False,
+    )
+    config.architectures = ["BltForCausalLM"]
+    return config, s
+
+
+def init_fresh_parts(config, seed: int) -> dict[str, torch.Tensor]:
+    """Every BLT tensor except the global layers, initialised the BLT way (transformers' init),
+    reproducibly from ``seed``.  Built with a zero-layer global transformer so the transplanted
+    layers are never allocated twice."""
+    from transformers import BltForCausalLM
+
+    cfg = config.__class__.from_dict(config.to_dict())
+    cfg.global_config.num_hidden_layers = 0
+    devnull_rng = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = BltForCausalLM(cfg)
+    finally:
+        torch.random.set_rng_state(devnull_rng)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper().replace("IB", "B")
+    for unit, mult in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    raise ByteifyError(f"--max-shard-size '{text}': expected a size like 500MB or 5GB")
+
+
+class ShardWriter:
+    """Writes safetensors shards of at most ``max_bytes`` and the HF index, holding one shard."""
+
+    def __init__(self, out_dir: Path, max_bytes: int, prefix: str = "model"):
+        self.out_dir, self.max_bytes, self.prefix = out_dir, max_bytes, prefix
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + n > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.contiguous()
+        self.buffer_bytes += n
+        self.total += n
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        tmp_name = f"{self.prefix}.part{len(self.shards):05d}.safetensors"
+        save_file(self.buffer, str(self.out_dir / tmp_name), metadata={"format": "pt"})
+        self.shards.append((tmp_name, list(self.buffer)))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.out_dir / self.shards[0][0], self.out_dir / f"{self.prefix}.safetensors")
+            return [f"{self.prefix}.safetensors"]
+        weight_map, names = {}, []
+        for i, (tmp_name, keys) in enumerate(self.shards):
+            final = f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / tmp_name, self.out_dir / final)
+            names.append(final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def check_output_path(src: Path, out: Path, force: bool) -> None:
+    src_r, out_r = src.resolve(), out.resolve()
+    src_dir = src_r if src_r.is_dir() else src_r.parent
+    if out_r == src_dir or src_dir in out_r.parents:
+        if src_r.is_dir() or out_r == src_dir:
+            raise ByteifyError(f"{out}: output directory is inside the source {src_dir}; choose a path outside it")
+    if out_r.exists():
+        if not out_r.is_dir():
+            raise ByteifyError(f"{out}: exists and is not a directory")
+        if any(out_r.iterdir()) and not force:
+            raise ByteifyError(f"{out}: exists and is not empty; pass --force to replace it")
+
+
+class AtomicDirectory:
+    """``with AtomicDirectory(out) as tmp:`` build in a hidden sibling; renamed over ``out`` only
+    when the block succeeds; removed on any error or Ctrl-C."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    config: object
+    shards: list[str]
+    seconds: float
+    source_bytes_per_token: float | None = None
+    verification: object | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled, leave=False)
+
+
+def convert(
+    source: SourceCheckpoint,
+    out: str | Path,
+    spec: ArchitectureSpec,
+    *,
+    seed: int = 0,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+    progress: bool = True,
+    log=print,
+) -> ConvertReport:
+    """Write the BLT for ``source`` to ``out``; see the module docstring."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_output_path(source.path, out, force)
+    if dtype == "auto":
+        out_dtype = source.dtype
+    elif dtype in DTYPES:
+        out_dtype = DTYPES[dtype]
+    else:
+        raise ByteifyError(f"--dtype '{dtype}': expected auto, fp32, fp16 or bf16")
+    max_bytes = parse_size(max_shard_size)
+    config, resolved = build_blt_config(source, spec)
+    warnings = []
+    sw = getattr(source.config, "sliding_window", None)
+    if sw and sw < source.config.max_position_embeddings:
+        warnings.append(f"source uses a {sw}-token sliding window; BLT's global attention is full causal")
+
+    with AtomicDirectory(out) as tmp:
+        fresh = init_fresh_parts(config, seed)
+        layer_entries = list(source.layer_entries())
+        total = sum(source.nbytes(n) for n, _, _ in layer_entries) + sum(
+            v.numel() * v.element_size() for v in fresh.values())
+        writer = ShardWriter(tmp, max_bytes)
+        with _progress(total, progress, "convert") as bar:
+            for name in sorted(fresh):
+                t = fresh.pop(name)
+                bar.update(t.numel() * t.element_size())
+                writer.add(name, t.to(out_dtype))
+            for src_name, blt_name, entry in layer_entries:
+                t = apply_transform(entry, source.format, source.read(src_name), source.config)
+                writer.add(blt_name, t.to(out_dtype))
+                bar.update(source.nbytes(src_name))
+        shards = writer.close()
+        config.dtype = str(out_dtype).removeprefix("torch.")
+        config.save_pretrained(str(tmp))
+        save_byte_tokenizer(tmp)
+        bpt = _write_side_files(source, tmp, out_dtype)
+        _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings)
+        report = ConvertReport(out=out, config=config, shards=shards, seconds=0.0, source_bytes_per_token=bpt,
+                               warnings=warnings)
+        if verify:
+            from .verification import verify_transplant
+
+            report.verification = verify_transplant(source, tmp, tolerance=tolerance, log=log)
+            if not report.verification.passed:
+                raise ByteifyError(
+                    f"verification failed: max relative difference {report.verification.max_rel:.3e} "
+                    f"> tolerance {tolerance:.1e} (max abs {report.verification.max_abs:.3e}); nothing written"
+                )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _write_side_files(source: SourceCheckpoint, tmp: Path, out_dtype: torch.dtype) -> float | None:
+    """Source embeddings / head / final norm, config and tokenizer, beside the BLT."""
+    from safetensors.torch import save_file
+
+    side = tmp / SIDE_DIR
+    side.mkdir()
+    tensors = {}
+    for src_name, name, _ in source.side_entries():
+        tensors[name] = source.read(src_name).to(out_dtype).contiguous()
+    save_file(tensors, str(side / "source_weights.safetensors"), metadata={"format": "pt"})
+    src_cfg = source.config.to_dict()
+    src_cfg.pop("quantization_config", None)
+    src_cfg["architectures"] = [source.architecture]
+    src_cfg["tie_word_embeddings"] = source.tied_embeddings
+    (side / "config.json").write_text(json.dumps(src_cfg, indent=2, default=str) + "\n")
+    tok = source.load_tokenizer()
+    if tok is None:
+        return None
+    tok.save_pretrained(str(side / "tokenizer"))
+    from .corpus import probe_text
+
+    text = probe_text()
+    n_tokens = len(tok(text, add_special_tokens=False).input_ids)
+    return len(text.encode("utf-8")) / max(1, n_tokens)
+
+
+def _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings) -> None:
+    import safetensors
+    import transformers
+
+    tmap = load_tensor_map()
+    meta = {
+        "byteify_version": __version__,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "safetensors": safetensors.__version__},
+        "source": {
+            "path": str(source.path.resolve()),
+            "format": source.format,
+            "architecture": source.architecture,
+            "files": {str(f.relative_to(source.path) if source.path.is_dir() else f.name): sha256_file(f)
+                      for f in source.files},
+            "tied_embeddings": source.tied_embeddings,
+            "dtype": str(source.dtype).removeprefix("torch."),
+        },
+        "output_dtype": str(out_dtype).removeprefix("torch."),
+        "seed": seed,
+        "architecture_spec": resolved.model_dump(),
+        "tensor_map": {
+            "layers": {e[source.format].format(i="{i}"): {"to": tmap["layer_target"] + e["blt"],
+                                                            "transform": (e.get("transform") or {}).get(source.format)}
+                       for e in tmap["layer"]},
+            "side": {e[source.format]: f"{SIDE_DIR}/source_weights.safetensors:{e['name']}"
+                     for e in tmap["side"] if not (e.get("absent_when_tied") and source.tied_embeddings)},
+        },
+        "side_files": {f"{SIDE_DIR}/{e['name']}": e["use"] for e in tmap["side"]},
+        "source_bytes_per_token": bpt,
+        "warnings": warnings,
+    }
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_metadata(model_dir: str | Path) -> dict:
+    p = Path(model_dir) / METADATA_FILE
+    return json.loads(p.read_text()) if p.exists() else {}

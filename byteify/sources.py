@@ -1,0 +1,312 @@
+"""Source checkpoints: open a Llama-layout model (HF directory, sharded or not, or a GGUF file),
+validate it against its config before anything is written, and read it one tensor at a time.
+
+Everything a conversion needs to know about the source goes through :class:`SourceCheckpoint`;
+the per-format tensor names and expected shapes come from the declarative map in
+``tensor_maps/llama.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .errors import ByteifyError
+
+MAP_PATH = Path(__file__).parent / "tensor_maps" / "llama.json"
+SUPPORTED_HELP = "supported: LlamaForCausalLM (Llama 2/3/3.x, SmolLM, TinyLlama) and MistralForCausalLM with Llama layout"
+
+
+def load_tensor_map() -> dict:
+    return json.loads(MAP_PATH.read_text())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class SourceCheckpoint:
+    """An opened, validated source. ``read(name)`` returns one tensor; nothing else is resident."""
+
+    path: Path
+    format: str  # "hf" or "gguf"
+    config: object  # transformers LlamaConfig / MistralConfig
+    architecture: str
+    files: list[Path]
+    _locations: dict[str, object] = field(default_factory=dict, repr=False)
+    _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
+    _nbytes: dict[str, int] = field(default_factory=dict, repr=False)
+    _dtypes: dict[str, str] = field(default_factory=dict, repr=False)
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    # ---- introspection -------------------------------------------------------------------
+    @cached_property
+    def tensor_map(self) -> dict:
+        return load_tensor_map()
+
+    @property
+    def tied_embeddings(self) -> bool:
+        lm_head = next(s for s in self.tensor_map["side"] if s["name"] == "lm_head.weight")[self.format]
+        return lm_head not in self._locations
+
+    def dims(self) -> dict[str, int]:
+        c = self.config
+        head_dim = c.hidden_size // c.num_attention_heads
+        return {
+            "hidden": c.hidden_size,
+            "q_dim": c.num_attention_heads * head_dim,
+            "kv_dim": c.num_key_value_heads * head_dim,
+            "ffn": c.intermediate_size,
+            "vocab": c.vocab_size,
+        }
+
+    def layer_entries(self):
+        """(source name, BLT name, entry) for every transplanted tensor, in file-friendly order."""
+        m = self.tensor_map
+        for i in range(self.config.num_hidden_layers):
+            for e in m["layer"]:
+                yield e[self.format].format(i=i), m["layer_target"].format(i=i) + e["blt"], e
+
+    def side_entries(self):
+        for e in self.tensor_map["side"]:
+            if e.get("absent_when_tied") and self.tied_embeddings:
+                continue
+            yield e[self.format], e["name"], e
+
+    def nbytes(self, name: str) -> int:
+        return self._nbytes[name]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype the source stores (float32 for quantized GGUF)."""
+        names = {self._dtypes[n] for n, _, _ in self.layer_entries()}
+        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        return table[names.pop()] if len(names) == 1 and next(iter(names), None) in table else torch.float32
+
+    def read(self, name: str) -> torch.Tensor:
+        """Load one tensor into memory (dequantized to float32 for quantized GGUF types)."""
+        loc = self._locations[name]
+        if self.format == "hf":
+            from safetensors import safe_open
+
+            if loc not in self._handles:
+                self._handles[loc] = safe_open(str(loc), framework="pt")
+            try:
+                return self._handles[loc].get_tensor(name)
+            except Exception as exc:  # truncated data surfaces here on some files
+                raise ByteifyError(f"{loc}: cannot read tensor '{name}': {exc}") from None
+        import numpy as np
+        from gguf.quants import dequantize
+
+        t = loc
+        arr = dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(self._shapes[name])
+
+    def load_tokenizer(self):
+        """The source tokenizer through transformers, or None if the checkpoint ships none."""
+        from transformers import AutoTokenizer
+
+        try:
+            if self.format == "gguf":
+                return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            if not any((self.path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+                return None
+            return AutoTokenizer.from_pretrained(str(self.path))
+        except Exception:
+            return None
+
+    def source_state_dict_hf_layout(self) -> dict[str, torch.Tensor]:
+        """Whole source in HF Llama layout, for verification of GGUF sources (via transformers' own
+        GGUF reader, which is independent of byteify's tensor map)."""
+        if self.format == "hf":
+            raise ValueError("use read() for HF sources")
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(self.config)
+        loaded = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=skeleton)
+        return loaded["tensors"]
+
+    def close(self):
+        self._handles.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+def open_source(src: str | Path) -> SourceCheckpoint:
+    """Open and validate a source checkpoint. Raises ByteifyError with a one-line message."""
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise ByteifyError(f"{path}: source not found (expected a checkpoint directory or a .gguf file)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ByteifyError(f"{path}: not a .gguf file; pass a checkpoint directory (config.json + *.safetensors) or a .gguf file")
+        source = _open_gguf(path)
+    else:
+        source = _open_hf_dir(path)
+    _check_config(source)
+    _check_tensors(source)
+    return source
+
+
+def _open_hf_dir(path: Path) -> SourceCheckpoint:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ByteifyError(f"{cfg_path}: not found; a source directory needs config.json and model.safetensors (or a sharded index)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ByteifyError(f"{cfg_path}: invalid JSON ({exc})") from None
+    archs = raw.get("architectures")
+    if not archs:
+        raise ByteifyError(f"{cfg_path}: no 'architectures' field, cannot tell the model family; {SUPPORTED_HELP}")
+    arch = archs[0]
+    if arch not in load_tensor_map()["architectures"]:
+        raise ByteifyError(f"{cfg_path}: architecture '{arch}' is not supported; {SUPPORTED_HELP}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise ByteifyError(f"{cfg_path}: transformers cannot parse it: {str(exc).splitlines()[0]}") from None
+
+    index_path = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    locations: dict[str, object] = {}
+    if index_path.exists():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ByteifyError(f"{index_path}: invalid index, expected JSON with a 'weight_map' ({exc})") from None
+        for tensor, shard in weight_map.items():
+            shard_path = path / shard
+            if not shard_path.exists():
+                raise ByteifyError(f"{index_path}: shard '{shard}' (holding '{tensor}') not found")
+            locations[tensor] = shard_path
+        files = sorted(set(locations.values()))
+    elif single.exists():
+        files = [single]
+    else:
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (found {', '.join(found[:3])}; convert .bin to safetensors first)" if found else ""
+        raise ByteifyError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+    source = SourceCheckpoint(path=path, format="hf", config=config, architecture=arch, files=files)
+    from safetensors import safe_open
+
+    indexed = bool(locations)
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt")
+        except Exception as exc:
+            raise ByteifyError(f"{f}: unreadable safetensors file (truncated or corrupt): {str(exc).splitlines()[0]}") from None
+        size = f.stat().st_size
+        for name in handle.keys():
+            sl = handle.get_slice(name)
+            shape = tuple(sl.get_shape())
+            if indexed and locations.get(name) != f:
+                continue
+            locations[name] = f
+            source._shapes[name] = shape
+            source._dtypes[name] = sl.get_dtype()
+            n = 1
+            for d in shape:
+                n *= d
+            source._nbytes[name] = n * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+        _check_safetensors_length(f, size)
+    missing = [t for t in locations if t not in source._shapes]
+    if missing:
+        raise ByteifyError(f"{locations[missing[0]]}: tensor '{missing[0]}' listed in the index is not in that shard")
+    source._locations = locations
+    return source
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _check_safetensors_length(f: Path, size: int) -> None:
+    """A safetensors file whose data section is shorter than its header says is truncated."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ByteifyError(f"{f}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+
+
+def _open_gguf(path: Path) -> SourceCheckpoint:
+    try:
+        import gguf
+    except ImportError:
+        raise ByteifyError(f"{path}: reading GGUF needs the 'gguf' package: pip install 'byteify[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise ByteifyError(f"{path}: unreadable GGUF file (truncated or corrupt): {str(exc).splitlines()[0]}") from None
+    field_ = reader.fields.get("general.architecture")
+    gguf_arch = field_.contents() if field_ is not None else None
+    archs = load_tensor_map()["gguf_architectures"]
+    if gguf_arch not in archs:
+        raise ByteifyError(f"{path}: GGUF architecture '{gguf_arch}' is not supported; supported GGUF architectures: {', '.join(archs)}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise ByteifyError(f"{path}: transformers cannot read its config: {str(exc).splitlines()[0]}") from None
+    source = SourceCheckpoint(path=path, format="gguf", config=config, architecture=archs[gguf_arch], files=[path])
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(list(t.shape)))
+        source._locations[t.name] = t
+        source._shapes[t.name] = shape
+        source._dtypes[t.name] = t.tensor_type.name
+        source._nbytes[t.name] = int(t.n_bytes)
+    return source
+
+
+def _check_config(source: SourceCheckpoint) -> None:
+    c = source.config
+    where = source.path / "config.json" if source.format == "hf" else source.path
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ByteifyError(f"{where}: attention_bias/mlp_bias is true; BLT's global transformer has no bias slots ({SUPPORTED_HELP})")
+    act = getattr(c, "hidden_act", "silu")
+    if act != "silu":
+        raise ByteifyError(f"{where}: hidden_act '{act}' is not supported (BLT's global MLP is SwiGLU with silu)")
+    head_dim = getattr(c, "head_dim", None)
+    if head_dim and head_dim * c.num_attention_heads != c.hidden_size:
+        raise ByteifyError(
+            f"{where}: head_dim {head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size}; "
+            "BLT's global attention requires head_dim = hidden_size / num_attention_heads"
+        )
+    if c.num_attention_heads % c.num_key_value_heads:
+        raise ByteifyError(f"{where}: num_attention_heads {c.num_attention_heads} is not a multiple of num_key_value_heads {c.num_key_value_heads}")
+    rope = dict(getattr(c, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "llama3", "linear", "dynamic", "yarn"):
+        raise ByteifyError(f"{where}: rope type '{rope_type}' is not supported")
+
+
+def _check_tensors(source: SourceCheckpoint) -> None:
+    dims = source.dims()
+    where = (lambda n: source._locations[n]) if source.format == "hf" else (lambda n: source.path)
+    for name, _, entry in list(source.layer_entries()) + list(source.side_entries()):
+        if name not in source._shapes:
+            loc = source.files[0] if len(source.files) == 1 else source.path
+            raise ByteifyError(f"{loc}: tensor '{name}' missing (required by the {source.architecture} layout)")
+        expected = tuple(dims[d] for d in entry["shape"])
+        if source._shapes[name] != expected:
+            cfg = "config.json" if source.format == "hf" else "GGUF metadata"
+            raise ByteifyError(
+                f"{where(name)}: tensor '{name}' has shape {list(source._shapes[name])} but {cfg} implies {list(expected)}"
+            )
