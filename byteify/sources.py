@@ -144,9 +144,27 @@ class SourceCheckpoint:
 
 
 # ---------------------------------------------------------------------------------------------
+def _looks_like_hub_id(src: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", src)) and not src.startswith((".", "~"))
+
+
+def fetch_from_hub(repo_id: str) -> Path:
+    """For users with internet: a hub id passes through huggingface_hub (never used in tests)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.json", "tokenizer*"]))
+    except Exception as exc:
+        raise ByteifyError(f"{repo_id}: not a local path, and fetching it from the hub failed: {str(exc).splitlines()[0]}") from None
+
+
 def open_source(src: str | Path) -> SourceCheckpoint:
     """Open and validate a source checkpoint. Raises ByteifyError with a one-line message."""
     path = Path(src).expanduser()
+    if not path.exists() and _looks_like_hub_id(str(src)):
+        path = fetch_from_hub(str(src))
     if not path.exists():
         raise ByteifyError(f"{path}: source not found (expected a checkpoint directory or a .gguf file)")
     if path.is_file():
