@@ -96,6 +96,63 @@ def inspect(
     typer.echo(json.dumps(ins.to_dict(), indent=2) if as_json else format_inspection(ins))
 
 
+recipes_app = typer.Typer(no_args_is_help=True, help="List and copy the shipped training recipes.")
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.command("ls")
+@_user_errors
+def recipes_ls():
+    """List the shipped recipes."""
+    from byteify.recipes import recipe_summary, shipped_recipes
+
+    for name, path in shipped_recipes().items():
+        typer.echo(f"{name:<16} {recipe_summary(path)}")
+
+
+@recipes_app.command("cp")
+@_user_errors
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="a shipped recipe name (see 'byteify recipes ls')")],
+    dest: Annotated[Path, typer.Argument(help="file or directory to copy it to")],
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+):
+    """Copy a shipped recipe to edit it."""
+    from byteify.recipes import copy_recipe
+
+    typer.echo(f"wrote {copy_recipe(name, dest, force)}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@_user_errors
+def train(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML path or shipped recipe name")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. stages.0.steps=50 model=runs/blt")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the plan, then exit")] = False,
+    resume: Annotated[Optional[str], typer.Option(help="'auto' (newest checkpoint of output_dir) or a checkpoint path")] = None,
+):
+    """Run a recipe: stages of byte-ifying training with checkpoints and resume.  Works under torchrun (FSDP2)."""
+    from byteify.recipes import load_recipe
+
+    rec, raw = load_recipe(recipe, overrides or [])
+    if dry_run:
+        from byteify.training import plan
+
+        typer.echo(plan(rec))
+        return
+    from byteify.training import Interrupted, Trainer
+
+    if not rec.run.progress or not sys.stderr.isatty():
+        rec.run.progress = rec.run.progress and sys.stderr.isatty()
+    try:
+        summary = Trainer(rec, raw, resume=resume).run()
+    except Interrupted as exc:
+        typer.echo(f"interrupted: checkpoint saved at {exc.checkpoint}; continue with --resume auto", err=True)
+        raise typer.Exit(130)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(summary))
+
+
 def main():  # pragma: no cover
     app()
 

@@ -16,7 +16,9 @@ _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
 
 def part_of(name: str) -> str:
     """Which BLT part a parameter belongs to (the unit of freezing and learning rates)."""
-    n = name.removeprefix("base_model.model.")
+    n = name
+    while n.startswith(("model.model.", "model.lm_head", "model.base_model.", "base_model.model.", "_orig_mod.")):
+        n = n.split(".", 1)[1] if not n.startswith("base_model.model.") else n.removeprefix("base_model.model.")
     if n.startswith("model.encoder_hash_tok_embedding"):
         return "hash_embeddings"
     if n.startswith("model.local_encoder"):

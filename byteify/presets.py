@@ -130,6 +130,9 @@ def validation_message(exc: ValidationError, model: type[BaseModel], where: str)
     """One line naming the first bad key path, with the closest valid key for unknown ones."""
     err = exc.errors()[0]
     path = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "value_error":
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{where}: {path + ': ' if path else ''}{msg}"
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(path, _valid_keys(model), n=1, cutoff=0.4)
         hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,221 @@
+"""Training recipes: the strict schema of a ``byteify train`` run, YAML loading with
+``key=value`` command-line overrides, and the shipped recipes (``recipes/*.yaml``).
+
+An unknown key fails before anything runs, naming the key path and the closest valid key;
+wrong types and impossible values fail with one line (:class:`~byteify.errors.ByteifyError`).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ByteifyError
+from .inspection import PARTS
+from .presets import validation_message
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+Part = Literal["local_encoder", "hash_embeddings", "local_decoder", "global", "entropy_model"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSourceSpec(_Strict):
+    path: str = "default"
+    weight: float = Field(1.0, gt=0)
+    text_field: str = "text"
+    format: Literal["auto", "txt", "jsonl"] = "auto"
+
+
+class DataSpec(_Strict):
+    sources: list[DataSourceSpec] = [DataSourceSpec()]
+    seq_len: int = Field(1024, ge=8, description="bytes per training sequence")
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+
+
+class PatchingSpec(_Strict):
+    mode: Literal["static", "entropy", "space", "source_tokens", "byte"] = "static"
+    patch_size: int = Field(4, ge=1)
+    threshold: float | None = None  # entropy: None = the model config's patching_threshold
+    monotonic: bool = False
+    max_patch_length: int | None = Field(None, ge=1)
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class StageSpec(_Strict):
+    name: str = "adapt"
+    train: list[Part] = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
+    lr: float = Field(1e-3, gt=0)
+    lr_multipliers: dict[Part, float] = {}
+    lora: LoraSpec | None = None
+    steps: int = Field(100, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    batch_bytes: int = Field(8192, ge=1, description="bytes per optimizer step over all processes")
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    patching: PatchingSpec | None = None  # None: the recipe's patching
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.train and self.lora is None:
+            raise ValueError(f"stage '{self.name}' trains nothing: list parts in 'train' or add 'lora'")
+        if self.lora is not None and "global" in self.train:
+            raise ValueError(f"stage '{self.name}': 'lora' adapts the global transformer, so 'global' cannot also be in 'train'")
+        bad = [p for p, m in self.lr_multipliers.items() if m < 0]
+        if bad:
+            raise ValueError(f"stage '{self.name}': lr_multipliers.{bad[0]} must be >= 0")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"stage '{self.name}': warmup_steps {self.warmup_steps} > steps {self.steps}")
+        return self
+
+
+class RunSpec(_Strict):
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(4, ge=1)
+    save_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    tensorboard: bool = False
+    progress: bool = True
+    threads: int | None = Field(None, ge=1)
+    stop_after: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this global step")
+
+
+class Recipe(_Strict):
+    model: str
+    output_dir: str
+    seed: int = 0
+    data: DataSpec = DataSpec()
+    patching: PatchingSpec = PatchingSpec()
+    stages: list[StageSpec] = Field(..., min_length=1)
+    run: RunSpec = RunSpec()
+
+    @model_validator(mode="after")
+    def _check(self):
+        for s in self.stages:
+            if s.batch_bytes < self.data.seq_len:
+                raise ValueError(f"stage '{s.name}': batch_bytes {s.batch_bytes} is smaller than one sequence (data.seq_len {self.data.seq_len})")
+            if s.batch_bytes % (self.data.seq_len * s.grad_accum):
+                raise ValueError(f"stage '{s.name}': batch_bytes {s.batch_bytes} must be a multiple of data.seq_len x grad_accum "
+                                 f"({self.data.seq_len} x {s.grad_accum})")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+    def stage_patching(self, stage: StageSpec) -> PatchingSpec:
+        return stage.patching or self.patching
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPE_DIR.glob("*.yaml"))}
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ByteifyError(f"{p}: recipe file not found")
+        return p
+    shipped = shipped_recipes()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    import difflib
+
+    close = difflib.get_close_matches(name_or_path, list(shipped), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; shipped: {', '.join(shipped)}"
+    raise ByteifyError(f"recipe '{name_or_path}': not a file and not a shipped recipe{hint}")
+
+
+def _apply_override(data: dict, key: str, value, where: str) -> None:
+    """``stages.0.steps=10`` style: dots walk dicts; integers index lists."""
+    node = data
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            try:
+                idx = int(p)
+                node[idx]
+            except (ValueError, IndexError):
+                raise ByteifyError(f"{where}: override '{key}': '{p}' is not a valid index into a list of {len(node)}") from None
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        else:
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+                if not isinstance(node, (dict, list)):
+                    raise ByteifyError(f"{where}: override '{key}': '{p}' is a value, not a section")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
+    """Validated recipe plus the resolved raw dict (saved in the run directory)."""
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ByteifyError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ByteifyError(f"{path}: expected a mapping at the top level")
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ByteifyError(f"override '{item}': expected key=value")
+        key, value = item.split("=", 1)
+        _apply_override(data, key.strip(), yaml.safe_load(value) if value.strip() else None, str(path))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ByteifyError(validation_message(exc, Recipe, str(path))) from None
+    return recipe, recipe.model_dump(mode="json")
+
+
+def copy_recipe(name: str, dest: str | Path, force: bool = False) -> Path:
+    src = recipe_path(name)
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not force:
+        raise ByteifyError(f"{dest}: exists; pass --force to overwrite")
+    shutil.copyfile(src, dest)
+    return dest
+
+
+def recipe_summary(path: Path) -> str:
+    """First comment line after the header comment block's title, for ``recipes ls``."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and line.strip("# ").strip():
+            text = line.strip("# ").strip()
+            return text.split(": ", 1)[1] if text.startswith(path.stem + ":") else text
+    return ""
+
+
+def parts_for(stage: StageSpec) -> dict[str, float]:
+    """Per-part learning-rate multipliers of the parts this stage trains (1.0 unless set)."""
+    return {p: stage.lr_multipliers.get(p, 1.0) for p in PARTS if p in stage.train}
+
