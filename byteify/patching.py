@@ -14,16 +14,26 @@ from .tokenizer import BOS_ID, OFFSET
 
 
 def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
-    """Start mask [B, T] (position 0 must start) -> patch lengths [B, P], zero-padded on the right."""
+    """Start mask [B, T] -> patch lengths [B, P], zero-padded on the right.
+
+    Positions 0 and 1 always start (the first byte is a patch of its own, as in BLT).  The last
+    patch of each row is counted one byte longer, so rows sum to T + 1: BLT's include-next-byte
+    convention.  transformers' decoder assigns byte i to the patch *before* the one holding
+    byte i+1 by counting shifted patch starts; without the extra byte, a row right-padded with
+    empty patches (because another row of the batch has more) would send its last patch's bytes
+    to an empty patch, and a row's logits would depend on the rest of the batch."""
     starts = starts.clone()
-    starts[:, 0] = True
+    starts[:, : min(2, starts.shape[1])] = True
     patch_id = starts.long().cumsum(1) - 1
     n = int(patch_id[:, -1].max()) + 1
     lengths = torch.zeros(starts.shape[0], n, dtype=torch.long, device=starts.device)
-    return lengths.scatter_add_(1, patch_id, torch.ones_like(patch_id))
+    lengths.scatter_add_(1, patch_id, torch.ones_like(patch_id))
+    lengths.scatter_add_(1, patch_id[:, -1:], torch.ones_like(patch_id[:, -1:]))
+    return lengths
 
 
 def starts_from_lengths(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    lengths = lengths.clamp(max=seq_len)
     ends = lengths.cumsum(1)
     starts = torch.zeros(lengths.shape[0], seq_len + 1, dtype=torch.bool, device=lengths.device)
     idx = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1).clamp(max=seq_len)
@@ -32,11 +42,12 @@ def starts_from_lengths(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def _force_bos(ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """BOS is its own patch: a patch starts at each BOS and right after it."""
+    """BOS is its own patch: a patch starts at each BOS and right after it; likewise the first
+    byte of every sequence (positions 0 and 1 start, as in BLT)."""
     bos = ids == BOS_ID
     starts = starts | bos
     starts[:, 1:] |= bos[:, :-1]
-    starts[:, 0] = True
+    starts[:, :2] = True
     return starts
 
 

@@ -281,7 +281,7 @@ class Trainer:
         module.eval()
         ent_only = stage.train == ["entropy_model"]
         nats = count = 0.0
-        batches = val.val_batches(self._micro_batch(stage) * self.dist.world, self.recipe.run.eval_batches,
+        batches = val.val_batches(self._micro_batch(stage), self.recipe.run.eval_batches,
                                   rank=self.dist.rank, world_size=self.dist.world)
         for batch in batches:
             ids, labels = batch["input_ids"].to(self.dist.device), batch["labels"].to(self.dist.device)
@@ -363,7 +363,7 @@ class Trainer:
                 from .data import ByteBatches
 
                 micro = self._micro_batch(stage)
-                batches = ByteBatches(train, micro * self.dist.world, seed=r.seed + si, rank=self.dist.rank,
+                batches = ByteBatches(train, micro, seed=r.seed + si, rank=self.dist.rank,
                                       world_size=self.dist.world)
                 if resuming_stage:
                     self._load_optim_state(module, optimizer, resume_state["optimizer"])
