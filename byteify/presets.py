@@ -100,15 +100,31 @@ def _deep_update(base: dict, upd: dict) -> dict:
     return base
 
 
-def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _valid_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
+def _submodel(annotation):
+    """The pydantic model inside an annotation (``Model``, ``Model | None``, ``list[Model]``)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
+    """For an unknown key at ``loc``, the closest valid key at the same level (full path)."""
+    node = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or node is None:
+            continue
+        field = node.model_fields.get(part)
+        node = _submodel(field.annotation) if field else None
+    if node is None:
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(node.model_fields), n=1, cutoff=0.5)
+    return ".".join([str(p) for p in loc[:-1]] + [close[0]]) if close else None
 
 
 def parse_overrides(items: list[str], where: str = "--set") -> dict:
@@ -134,8 +150,8 @@ def validation_message(exc: ValidationError, model: type[BaseModel], where: str)
         msg = err["msg"].removeprefix("Value error, ")
         return f"{where}: {path + ': ' if path else ''}{msg}"
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(path, _valid_keys(model), n=1, cutoff=0.4)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = _closest_key(model, tuple(err["loc"]))
+        hint = f"; did you mean '{close}'?" if close else ""
         return f"{where}: unknown key '{path}'{hint}"
     return f"{where}: '{path}': {err['msg']} (got {err.get('input')!r})"
 
