@@ -119,3 +119,16 @@ class AtomicCheckpoint:
 def prune(run_dir: Path, keep_last: int) -> None:
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory from a model dir, a checkpoint dir (its model/) or a run dir (newest)."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        return p
+    if (p / "model" / "config.json").exists():
+        return p / "model"
+    latest = latest_checkpoint(p)
+    if latest is not None and (latest / "model" / "config.json").exists():
+        return latest / "model"
+    raise ByteifyError(f"{p}: not a model directory, checkpoint or training run (no config.json found)")

@@ -147,33 +147,68 @@ def parse_size(text: str | int) -> int:
     raise ByteifyError(f"--max-shard-size '{text}': expected a size like 500MB or 5GB")
 
 
-class ShardWriter:
-    """Writes safetensors shards of at most ``max_bytes`` and the HF index, holding one shard."""
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
-    def __init__(self, out_dir: Path, max_bytes: int, prefix: str = "model"):
+
+class ShardWriter:
+    """Writes safetensors shards of at most ``max_bytes`` and the HF index.
+
+    Each tensor goes to disk as soon as it is added (the header's room is reserved at the start
+    of the shard and padded with spaces, as the safetensors format allows), so the writer holds no
+    tensors: a conversion's memory is one tensor, whatever the shard size.  A shard with more
+    tensors than the reserved room holds is rewritten once with the data moved up."""
+
+    def __init__(self, out_dir: Path, max_bytes: int, prefix: str = "model", header_reserve: int = 1 << 18):
         self.out_dir, self.max_bytes, self.prefix = out_dir, max_bytes, prefix
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
+        self.header_reserve = header_reserve
+        self.file = None
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
         self.shards: list[tuple[str, list[str]]] = []
         self.total = 0
 
+    def _part_path(self) -> Path:
+        return self.out_dir / f"{self.prefix}.part{len(self.shards):05d}.safetensors"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         n = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + n > self.max_bytes:
+        if self.entries and self.offset + n > self.max_bytes:
             self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffer_bytes += n
+        if self.file is None:
+            self.file = open(self._part_path(), "wb")
+            self.file.seek(8 + self.header_reserve)
+        t = tensor.detach().cpu().contiguous()
+        if n:
+            self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.entries[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.offset, self.offset + n]}
+        self.offset += n
         self.total += n
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
+        if self.file is None:
             return
-        tmp_name = f"{self.prefix}.part{len(self.shards):05d}.safetensors"
-        save_file(self.buffer, str(self.out_dir / tmp_name), metadata={"format": "pt"})
-        self.shards.append((tmp_name, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
+        path = self._part_path()
+        raw = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(raw) <= self.header_reserve:
+            raw += b" " * (self.header_reserve - len(raw))
+            self.file.seek(0)
+            self.file.write(len(raw).to_bytes(8, "little") + raw)
+            self.file.close()
+        else:
+            self.file.close()
+            raw += b" " * (-len(raw) % 8)
+            moved = path.with_name(path.name + ".tmp")
+            with open(path, "rb") as src, open(moved, "wb") as dst:
+                dst.write(len(raw).to_bytes(8, "little") + raw)
+                src.seek(8 + self.header_reserve)
+                shutil.copyfileobj(src, dst, 1 << 24)
+            os.replace(moved, path)
+        self.shards.append((path.name, list(self.entries)))
+        self.file, self.entries, self.offset = None, {}, 0
 
     def close(self) -> list[str]:
         self.flush()
@@ -296,6 +331,7 @@ def convert(
             for src_name, blt_name, entry in layer_entries:
                 t = apply_transform(entry, source.format, source.read(src_name), source.config)
                 writer.add(blt_name, t.to(out_dtype))
+                del t  # before the next read: one source tensor in memory at a time
                 bar.update(source.nbytes(src_name))
         shards = writer.close()
         config.dtype = str(out_dtype).removeprefix("torch.")
@@ -320,14 +356,12 @@ def convert(
 
 def _write_side_files(source: SourceCheckpoint, tmp: Path, out_dtype: torch.dtype) -> float | None:
     """Source embeddings / head / final norm, config and tokenizer, beside the BLT."""
-    from safetensors.torch import save_file
-
     side = tmp / SIDE_DIR
     side.mkdir()
-    tensors = {}
+    writer = ShardWriter(side, 1 << 62, prefix="source_weights", header_reserve=4096)  # one file, streamed
     for src_name, name, _ in source.side_entries():
-        tensors[name] = source.read(src_name).to(out_dtype).contiguous()
-    save_file(tensors, str(side / "source_weights.safetensors"), metadata={"format": "pt"})
+        writer.add(name, source.read(src_name).to(out_dtype))
+    writer.close()
     src_cfg = source.config.to_dict()
     src_cfg.pop("quantization_config", None)
     src_cfg["architectures"] = [source.architecture]

@@ -100,6 +100,7 @@ class SourceCheckpoint:
             from safetensors import safe_open
 
             if loc not in self._handles:
+                self._handles.clear()  # one shard mapped at a time, so resident memory stays at one shard
                 self._handles[loc] = safe_open(str(loc), framework="pt")
             try:
                 return self._handles[loc].get_tensor(name)

@@ -70,6 +70,9 @@ def build_hf_tokenizer():
         additional_special_tokens=["<boe>"],
         model_max_length=1 << 30,
         clean_up_tokenization_spaces=False,
+        # Text is bytes: '<s>' or '</s>' inside a document (HTML, code) must stay bytes, never
+        # turn into BOS/EOS.  Special ids come only from the template (BOS) and explicit ids.
+        split_special_tokens=True,
     )
 
 

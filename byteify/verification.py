@@ -97,6 +97,9 @@ def verify_transplant(source: SourceCheckpoint, model_dir: str | Path, *, tolera
     gcfg._attn_implementation = "eager"
     scfg = source.config.__class__.from_dict(source.config.to_dict())
     scfg._attn_implementation = "eager"
+    for key in ("attention_bias", "mlp_bias"):  # absent from MistralConfig; the Llama layer reads them
+        if not hasattr(scfg, key):
+            setattr(scfg, key, False)
     out_dtype = blt_cfg.dtype if isinstance(blt_cfg.dtype, torch.dtype) else getattr(torch, str(blt_cfg.dtype or "float32"))
 
     blt = _BltWeights(model_dir)
