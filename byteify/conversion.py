@@ -115,21 +115,44 @@ def build_blt_config(source: SourceCheckpoint, spec: ArchitectureSpec):
     return config, s
 
 
-def init_fresh_parts(config, seed: int) -> dict[str, torch.Tensor]:
-    """Every BLT tensor except the global layers, initialised the BLT way (transformers' init),
-    reproducibly from ``seed``.  Built with a zero-layer global transformer so the transplanted
-    layers are never allocated twice."""
+HASH_TABLE = "model.encoder_hash_tok_embedding.weight"
+
+
+def init_fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every BLT tensor except the global layers, initialised the BLT way (transformers' init:
+    truncated normals), reproducibly from ``seed``.  Built with a zero-layer global transformer
+    so the transplanted layers are never allocated twice; the hash n-gram table, by far the
+    largest fresh tensor, is filled chunk by chunk with the same truncated normal
+    (std = encoder hidden^-0.5, cut at 3 std), because torch's ``trunc_normal_`` on the whole
+    table needs several times its size in temporaries."""
     from transformers import BltForCausalLM
 
     cfg = config.__class__.from_dict(config.to_dict())
     cfg.global_config.num_hidden_layers = 0
-    devnull_rng = torch.random.get_rng_state()
+    cfg.encoder_hash_byte_group_vocab = 1
+    saved_rng = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         model = BltForCausalLM(cfg)
     finally:
-        torch.random.set_rng_state(devnull_rng)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+        torch.random.set_rng_state(saved_rng)
+    fresh = {}
+    for k, v in model.state_dict().items():
+        if k != HASH_TABLE:
+            fresh[k] = v.detach().to(dtype)
+    del model
+    n_tables = config.encoder_hash_byte_group_nb_functions * len(config.encoder_hash_byte_group_size)
+    hidden = config.encoder_config.hidden_size
+    table = torch.empty(n_tables * config.encoder_hash_byte_group_vocab, hidden, dtype=dtype)
+    std = hidden**-0.5
+    gen = torch.Generator().manual_seed(seed + 1)
+    buf = torch.empty(8192, hidden)
+    for chunk in table.split(8192):  # drawn in fp32, stored in the output dtype
+        part = buf[: chunk.shape[0]]
+        torch.nn.init.trunc_normal_(part, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
+        chunk.copy_(part)
+    fresh[HASH_TABLE] = table
+    return fresh
 
 
 def parse_size(text: str | int) -> int:
@@ -318,7 +341,7 @@ def convert(
         warnings.append(f"source uses a {sw}-token sliding window; BLT's global attention is full causal")
 
     with AtomicDirectory(out) as tmp:
-        fresh = init_fresh_parts(config, seed)
+        fresh = init_fresh_parts(config, seed, out_dtype)
         layer_entries = list(source.layer_entries())
         total = sum(source.nbytes(n) for n, _, _ in layer_entries) + sum(
             v.numel() * v.element_size() for v in fresh.values())
