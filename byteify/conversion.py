@@ -368,6 +368,11 @@ def convert(
             from .verification import verify_transplant
 
             report.verification = verify_transplant(source, tmp, tolerance=tolerance, log=log)
+            meta = json.loads((tmp / METADATA_FILE).read_text())
+            v = report.verification
+            meta["verification"] = {"max_abs": v.max_abs, "max_rel": v.max_rel, "tolerance": v.tolerance,
+                                    "probe_tokens": v.n_tokens, "passed": v.passed}
+            (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             if not report.verification.passed:
                 raise ByteifyError(
                     f"verification failed: max relative difference {report.verification.max_rel:.3e} "
