@@ -48,11 +48,32 @@ class PatchingSpec(_Strict):
     max_patch_length: int | None = Field(None, ge=1)
 
 
+class CalibrationSpec(_Strict):
+    """Entropy-threshold calibration after the last stage (which must train only the entropy
+    model): see :mod:`byteify.calibration`."""
+
+    target_bytes_per_patch: float | None = Field(None, gt=1)  # None: the source tokenizer's bytes/token
+    monotonic: bool = False
+    max_patch_length: int | None = Field(None, ge=1)
+    max_bytes: int = Field(262144, ge=64, description="held-out bytes to calibrate on (at most)")
+
+
 class LoraSpec(_Strict):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class DistillSpec(_Strict):
+    """A source-aligned distillation stage (global frozen, patches = source tokens, teacher = source)."""
+
+    decoder: bool = True  # decoder half: reads the teacher's final hidden states
+    encoder: bool = True  # encoder half: patch outputs through k frozen layers match the teacher's
+    encoder_layers: int = Field(4, ge=1)  # k
+    kl_weight: float = Field(1.0, ge=0)  # dense byte-marginal KL term (0 = byte cross-entropy only)
+    temperature: float = Field(1.0, gt=0)
+    encoder_weight: float = Field(1.0, ge=0)
 
 
 class StageSpec(_Strict):
@@ -71,9 +92,16 @@ class StageSpec(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     patching: PatchingSpec | None = None  # None: the recipe's patching
+    distill: DistillSpec | None = None
 
     @model_validator(mode="after")
     def _check(self):
+        if self.distill is not None:
+            if "global" in self.train or self.lora is not None:
+                raise ValueError(f"stage '{self.name}': a distill stage keeps the global transformer frozen "
+                                 "(no 'global' in train, no lora)")
+            if not (self.distill.decoder or self.distill.encoder):
+                raise ValueError(f"stage '{self.name}': distill needs decoder and/or encoder true")
         if not self.train and self.lora is None:
             raise ValueError(f"stage '{self.name}' trains nothing: list parts in 'train' or add 'lora'")
         if self.lora is not None and "global" in self.train:
@@ -109,6 +137,7 @@ class Recipe(_Strict):
     data: DataSpec = DataSpec()
     patching: PatchingSpec = PatchingSpec()
     stages: list[StageSpec] = Field(..., min_length=1)
+    calibration: CalibrationSpec | None = None
     run: RunSpec = RunSpec()
 
     @model_validator(mode="after")
@@ -119,6 +148,9 @@ class Recipe(_Strict):
             if s.batch_bytes % (self.data.seq_len * s.grad_accum):
                 raise ValueError(f"stage '{s.name}': batch_bytes {s.batch_bytes} must be a multiple of data.seq_len x grad_accum "
                                  f"({self.data.seq_len} x {s.grad_accum})")
+        if self.calibration is not None and self.stages[-1].train != ["entropy_model"]:
+            raise ValueError(f"calibration: runs after the last stage, which must train only the entropy model "
+                             f"(stage '{self.stages[-1].name}' trains {self.stages[-1].train})")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")

@@ -377,8 +377,18 @@ class Trainer:
                     tr = sum(c["trainable"] for c in counts.values())
                     self.log(f"stage '{stage.name}': {stage.steps} steps, {stage.batch_bytes} bytes/step, "
                              f"{tr:,} trainable parameters ({', '.join(p for p in PARTS if counts[p]['trainable'])})")
-                last_ckpt = self._run_stage(module, optimizer, scheduler, patcher, batches, val, stage, state,
-                                            metrics_path, writer, t_start) or last_ckpt
+                if stage.distill is not None:
+                    from .distillation import DistillStage
+
+                    runner = DistillStage(self, module, stage, si, val, patcher)
+                    batches, step_fn, val_fn = runner.batches, runner.step, runner.validate
+                    if resuming_stage:
+                        batches.load_state_dict(resume_state["data"])
+                else:
+                    step_fn = self._byte_step_fn(module, patcher, batches, stage)
+                    val_fn = lambda: {"val_bpb": self.validate(module, patcher, stage, val)}  # noqa: E731
+                last_ckpt = self._run_stage(module, optimizer, scheduler, batches, stage, state, metrics_path, writer,
+                                            t_start, step_fn, val_fn) or last_ckpt
                 model = end_stage(module.model)
                 resume_state = None
         except Interrupted as exc:
@@ -389,6 +399,9 @@ class Trainer:
             self._restore_signals()
             if writer is not None:
                 writer.close()
+        calibration = None
+        if r.calibration is not None and last_ckpt is not None and not stopped_early:
+            calibration = self._calibrate(Path(last_ckpt) / "model", val, metrics_path)
         wall = time.perf_counter() - t_start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if torch.cuda.is_available() and self.dist.device.type == "cuda":
@@ -396,10 +409,31 @@ class Trainer:
         summary = {"bytes_seen": state["bytes_seen"], "wall_seconds": round(wall, 2), "peak_memory_mb": round(peak, 1),
                    "steps": state["global_step"], "final_val_bpb": state.get("last_val_bpb"),
                    "checkpoint": str(last_ckpt) if last_ckpt else None, "stopped_early": stopped_early}
+        if calibration is not None:
+            summary["calibration"] = calibration
         if self.dist.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"summary": summary}) + "\n")
         return summary
+
+    def _calibrate(self, model_dir: Path, val, metrics_path: Path) -> dict | None:
+        """After an entropy-model run: calibrate the threshold on the held-out split (main process;
+        the entropy model is read back from the final checkpoint) and write it into its config."""
+        from .calibration import calibrate_model_dir, limit_windows
+
+        cal = None
+        if self.dist.main:
+            spec = self.recipe.calibration
+            ids = limit_windows(torch.from_numpy(val.rows()[:, :-1].astype("int64")), spec.max_bytes)
+            result = calibrate_model_dir(model_dir, ids, target=spec.target_bytes_per_patch, monotonic=spec.monotonic,
+                                         max_patch_length=spec.max_patch_length, device=self.dist.device)
+            cal = result.to_dict()
+            self.log(f"{result.summary()}; written to {model_dir}/config.json")
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"calibration": cal}) + "\n")
+        if self.dist.world > 1:
+            torch.distributed.barrier()
+        return cal
 
     def _tensorboard(self):
         if not (self.recipe.run.tensorboard and self.dist.main):
@@ -410,21 +444,13 @@ class Trainer:
             raise ByteifyError("run.tensorboard is true but the 'tensorboard' package is not installed") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _run_stage(self, module, optimizer, scheduler, patcher, batches, val, stage, state, metrics_path, writer, t0):
-        r = self.recipe
+    def _byte_step_fn(self, module, patcher, batches, stage):
+        """One optimizer step's forward/backward for an ordinary stage (BLT and/or entropy loss)."""
         ent_only = stage.train == ["entropy_model"]
         train_entropy = "entropy_model" in stage.train
-        blt_loss = not ent_only
-        bar = None
-        if self.dist.main and r.run.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=stage.steps, initial=state["stage_step"], desc=stage.name, unit="step", dynamic_ncols=True)
         it = iter(batches)
-        last_ckpt = None
-        window_t, window_bytes = time.perf_counter(), 0
-        module.train()
-        while state["stage_step"] < stage.steps:
+
+        def step():
             micro_batches = [next(it) for _ in range(stage.grad_accum)]
             local_count = sum(int((b["labels"] != IGNORE).sum()) for b in micro_batches)
             (global_count,) = self.dist.all_sum(local_count)
@@ -433,12 +459,32 @@ class Trainer:
             for b in micro_batches:
                 ids, labels = b["input_ids"].to(self.dist.device), b["labels"].to(self.dist.device)
                 with self._autocast():
-                    nats, ent = module(ids, labels, patcher, blt_loss=blt_loss, entropy_loss=train_entropy)
+                    nats, ent = module(ids, labels, patcher, blt_loss=not ent_only, entropy_loss=train_entropy)
                 ((nats + ent) * scale).backward()
                 step_nats += float(nats.detach())
                 step_ent += float(ent.detach())
             step_nats, step_ent = self.dist.all_sum(step_nats, step_ent)
-            loss = (step_ent if ent_only else step_nats) / max(global_count, 1)
+            extras = {}
+            if train_entropy and not ent_only:
+                extras["entropy_bpb"] = step_ent / max(global_count, 1) / LN2
+            return (step_ent if ent_only else step_nats) / max(global_count, 1), extras, stage.batch_bytes
+
+        return step
+
+    def _run_stage(self, module, optimizer, scheduler, batches, stage, state, metrics_path, writer, t0, step_fn, val_fn):
+        """The loop shared by every stage kind: step, clip, optimizer, schedule, NaN check,
+        validation, logging, progress bar, checkpoints, stop on signal or ``run.stop_after``."""
+        r = self.recipe
+        bar = None
+        if self.dist.main and r.run.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=stage.steps, initial=state["stage_step"], desc=stage.name, unit="step", dynamic_ncols=True)
+        last_ckpt = None
+        window_t, window_bytes = time.perf_counter(), 0
+        module.train()
+        while state["stage_step"] < stage.steps:
+            loss, extras, step_bytes = step_fn()
             if not math.isfinite(loss):
                 raise ByteifyError(f"non-finite loss ({loss}) at step {state['global_step'] + 1} of stage '{stage.name}'; "
                                    f"last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}")
@@ -448,18 +494,15 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             lr = stage.lr * lr_lambda(stage)(scheduler.last_epoch)  # the base (multiplier 1) learning rate
             scheduler.step()
-            step_bytes = stage.batch_bytes
             state["global_step"] += 1
             state["stage_step"] += 1
             state["bytes_seen"] += step_bytes
             window_bytes += step_bytes
             rec = {"step": state["global_step"], "stage": stage.name, "loss": loss, "bpb": loss / LN2, "lr": lr,
-                   "bytes_seen": state["bytes_seen"]}
-            if train_entropy and not ent_only:
-                rec["entropy_bpb"] = step_ent / max(global_count, 1) / LN2
+                   "bytes_seen": state["bytes_seen"], **extras}
             if state["stage_step"] % r.run.eval_every == 0 or state["stage_step"] == stage.steps:
-                rec["val_bpb"] = self.validate(module, patcher, stage, val)
-                state["last_val_bpb"] = rec["val_bpb"]
+                rec.update(val_fn())
+                state["last_val_bpb"] = rec.get("val_bpb")
             log_now = state["stage_step"] % r.run.log_every == 0 or "val_bpb" in rec or state["stage_step"] == stage.steps
             if log_now:
                 now = time.perf_counter()
@@ -470,9 +513,9 @@ class Trainer:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     if writer is not None:
-                        for k in ("loss", "bpb", "lr", "val_bpb", "bytes_per_s"):
-                            if k in rec:
-                                writer.add_scalar(f"{stage.name}/{k}", rec[k], state["global_step"])
+                        for k, v in rec.items():
+                            if isinstance(v, float):
+                                writer.add_scalar(f"{stage.name}/{k}", v, state["global_step"])
             if bar is not None:
                 post = {"loss": f"{loss:.3f}", "bpb": f"{loss / LN2:.3f}", "lr": f"{lr:.2e}"}
                 if "bytes_per_s" in rec:
@@ -530,4 +573,10 @@ def plan(recipe: Recipe) -> str:
             lines.append(f"  {part:<16}{c['trainable']:>14,}{c['frozen']:>14,}{lr:>11}")
         lines.append(f"  memory estimate: {mem / 2**30:.2f} GiB (fp32 weights + grads + AdamW states of trainable "
                      f"parameters{', over ' + str(world) + ' processes' if world > 1 else ''}) + activations")
+    if recipe.calibration is not None:
+        c = recipe.calibration
+        lines.append(f"\nthen: calibrate the {'monotonic' if c.monotonic else 'global'} entropy threshold on up to "
+                     f"{c.max_bytes:,} held-out bytes to {c.target_bytes_per_patch or 'the source tokenizer'}"
+                     f"{'' if c.target_bytes_per_patch else chr(39) + 's'} bytes per "
+                     f"{'patch' if c.target_bytes_per_patch else 'token'}; written to the last checkpoint's model/config.json")
     return "\n".join(lines)

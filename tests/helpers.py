@@ -211,3 +211,23 @@ def leftovers(out: Path) -> list[str]:
     """OUT itself or any hidden temporary sibling byteify may have left."""
     out = Path(out)
     return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
+
+
+# ---- tokenizers -------------------------------------------------------------------------------
+def tiny_tokenizer(bos: bool):
+    """A byte-level BPE (256 bytes + 3 specials + ~40 merges) trained on the probe text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from byteify.corpus import probe_text
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([probe_text()], trainer)
+    assert tok.get_vocab_size() == 300
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

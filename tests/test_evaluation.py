@@ -21,7 +21,7 @@ from byteify.patching import build_patcher
 from byteify.presets import load_spec
 from byteify.recipes import PatchingSpec
 from byteify.sources import open_source
-from helpers import make_hf_source
+from helpers import make_hf_source, tiny_tokenizer
 
 DOCS = [
     "The if statement is used for conditional execution.",
@@ -29,23 +29,6 @@ DOCS = [
     "Short.",
     "The while statement is used for repeated execution as long as an expression is true.",
 ]
-
-
-def tiny_tokenizer(bos: bool):
-    """A byte-level BPE (256 bytes + 3 specials + ~40 merges) trained on the probe text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([probe_text()], trainer)
-    assert tok.get_vocab_size() == 300
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
