@@ -8,7 +8,6 @@ Layout: ``RUN/checkpoints/step-00000100/{model/, adapter/, state.pt, trainer.jso
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conversion import METADATA_FILE, ShardWriter
+from .conversion import METADATA_FILE, AtomicDirectory, ShardWriter
 from .errors import ByteifyError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -92,28 +91,11 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-class AtomicCheckpoint:
-    """``with AtomicCheckpoint(run_dir, step) as tmp:`` -> renamed to ``step-XXXXXXXX`` on success."""
-
-    def __init__(self, run_dir: Path, step: int):
-        root = Path(run_dir) / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        self.final = root / f"step-{step:08d}"
-        self.tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-        return False
+def atomic_checkpoint(run_dir: Path, step: int) -> AtomicDirectory:
+    """``with atomic_checkpoint(run_dir, step) as tmp:`` -> renamed to ``step-XXXXXXXX`` on success."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return AtomicDirectory(root / f"step-{step:08d}")
 
 
 def prune(run_dir: Path, keep_last: int) -> None:

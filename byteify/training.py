@@ -256,7 +256,7 @@ class Trainer:
         optim_sd = self._optim_state(module, optimizer)
         path = None
         if self.dist.main:
-            with ckpt.AtomicCheckpoint(self.run_dir, state["global_step"]) as tmp:
+            with ckpt.atomic_checkpoint(self.run_dir, state["global_step"]) as tmp:
                 blt = module.blt
                 ckpt.write_model_dir(tmp / "model", blt.config, ckpt.clean_model_state(full), self.base_model_dir,
                                      {"training": {"recipe": self.raw, "global_step": state["global_step"],
