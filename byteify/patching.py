@@ -1,88 +1,185 @@
 """Patchers: where patches start in a byte sequence.
 
-Every patcher returns a boolean *start mask* ``[B, T]`` that depends on the past only (except
-the source-token patcher, whose tokenizer looks ahead), and :func:`lengths_from_starts` turns
-it into the right-zero-padded ``patch_lengths`` ``[B, P]`` (each row summing to ``T``) that
-``BltForCausalLM.forward`` takes.  Position 0 and every BOS byte are patches of their own.
+Every patcher answers, for ids ``[B, T]``, a boolean *start mask* over ``T + 1`` positions
+(:meth:`Patcher.starts_with_next`): position ``t < T`` says whether byte ``t`` starts a patch,
+position ``T`` whether the *next* byte (not yet seen) will.  :meth:`Patcher.starts` is the first
+``T`` columns; calling the patcher gives the right-zero-padded ``patch_lengths`` ``[B, P]`` that
+``BltForCausalLM.forward`` takes, each row summing to ``T + 1`` (BLT's include-next-byte
+convention, see :func:`lengths_from_starts`).
+
+The rules (all of them *causal*: the decision for position ``t`` uses bytes ``< t`` only, so
+patching a prefix gives exactly the boundaries of the full text up to that point, including
+the next-byte decision; that is what lets generation patch incrementally):
+
+* **forced starts** (every patcher): positions 0 and 1 (the first byte is a patch of its own,
+  as in BLT); the byte after every BOS or EOS, so a BOS that follows an EOS (packed documents)
+  is a patch of its own; and every BOS (a BOS *not* after an EOS is only known once seen, so
+  it cannot be announced by the next-byte decision).
+* ``static``: fixed-size patches of ``patch_size`` bytes, counted from each forced start.
+* ``byte``: every byte is a patch (what the entropy model trains with).
+* ``space``: BLT's space patching: a patch starts after the first byte of every run of
+  non-word bytes, so ``"hello, world"`` is ``"hello,"`` ``" world"``.  Non-word bytes are ASCII
+  bytes that are not letters or digits (and the special ids); unlike BLT's reference code,
+  bytes >= 0x80 count as word bytes, so a multi-byte UTF-8 character is never split and
+  non-Latin letters join words.
+* ``entropy``: the BLT paper's rules on the entropy model's next-byte entropies ``H`` (nats):
+  global, byte ``t`` starts a patch if ``H[t-1] > threshold``; relative (``monotonic``), if
+  ``H[t-1] - H[t-2] > threshold``.  The global rule is what transformers' own
+  ``BltPatcher`` does when ``config.patch_in_forward`` and ``patching_mode="entropy"``: on a text
+  that starts with BOS, the boundaries are the same as the stock model's (and, with the
+  next-byte decision, so are the logits, see ``tests/test_patching.py``).  The monotonic rule
+  has no stock equivalent: a model directory cannot make plain transformers patch that way.
+* ``source_tokens``: boundaries at the source tokenizer's token starts (the tokenizer that
+  ``byteify convert`` kept in ``MODEL/byteify_source/tokenizer``), so that a transplanted global
+  transformer sees units like its pretraining tokens; meant for a first adaptation stage.  The
+  tokenizer looks ahead (a token's end depends on the bytes after it), so this patcher is
+  **not incremental**: :func:`build_patcher` refuses it with ``for_generation=True``, and its
+  next-byte decision is always "continue the last patch".
+
+An optional ``max_patch_length`` splits longer patches into pieces of that many bytes counted
+from the patch start (what transformers' ``process_patch_lengths`` does).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from .tokenizer import BOS_ID, OFFSET
+from .errors import ByteifyError
+from .tokenizer import BOS_ID, EOS_ID, OFFSET
+
+MODES = ("static", "entropy", "space", "source_tokens", "byte")
 
 
-def lengths_from_starts(starts: torch.Tensor) -> torch.Tensor:
-    """Start mask [B, T] -> patch lengths [B, P], zero-padded on the right.
+# ------------------------------------------------------------------------------------------
+# Start masks <-> patch lengths
 
-    Positions 0 and 1 always start (the first byte is a patch of its own, as in BLT).  The last
-    patch of each row is counted one byte longer, so rows sum to T + 1: BLT's include-next-byte
-    convention.  transformers' decoder assigns byte i to the patch *before* the one holding
-    byte i+1 by counting shifted patch starts; without the extra byte, a row right-padded with
-    empty patches (because another row of the batch has more) would send its last patch's bytes
-    to an empty patch, and a row's logits would depend on the rest of the batch."""
-    starts = starts.clone()
-    starts[:, : min(2, starts.shape[1])] = True
-    patch_id = starts.long().cumsum(1) - 1
+
+def lengths_from_starts(starts: torch.Tensor, next_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Start mask [B, T] -> patch lengths [B, P], zero-padded on the right, rows summing to T + 1.
+
+    Positions 0 and 1 always start (the first byte is a patch of its own, as in BLT).  Rows sum
+    to T + 1: BLT's include-next-byte convention.  ``next_start`` ([B] bool) says whether the
+    next byte (position T) starts a patch of its own (a last patch of length 1); without it (or
+    where it is False) the next byte is counted in the last patch.  transformers' decoder
+    predicts byte t+1 from the global output of the patch *before* the one holding byte t+1
+    (it counts shifted patch starts), so the next-byte patch decides which global state the
+    last position reads; and without the extra byte, a row right-padded with empty patches
+    (because another row of the batch has more) would send its last patch's bytes to an empty
+    patch, and a row's logits would depend on the rest of the batch."""
+    if next_start is None:
+        next_start = torch.zeros(starts.shape[0], dtype=torch.bool, device=starts.device)
+    ext = torch.cat([starts, next_start.to(torch.bool).reshape(-1, 1)], 1)
+    ext[:, : min(2, ext.shape[1])] = True
+    patch_id = ext.long().cumsum(1) - 1
     n = int(patch_id[:, -1].max()) + 1
-    lengths = torch.zeros(starts.shape[0], n, dtype=torch.long, device=starts.device)
+    lengths = torch.zeros(ext.shape[0], n, dtype=torch.long, device=ext.device)
     lengths.scatter_add_(1, patch_id, torch.ones_like(patch_id))
-    lengths.scatter_add_(1, patch_id[:, -1:], torch.ones_like(patch_id[:, -1:]))
     return lengths
 
 
 def starts_from_lengths(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
-    lengths = lengths.clamp(max=seq_len)
+    """Patch lengths [B, P] (rows summing to ``seq_len`` or ``seq_len + 1``, zero-padded) ->
+    start mask [B, seq_len].  Also reads transformers' own patcher's lengths."""
+    lengths = lengths.long().clamp(max=seq_len + 1)
     ends = lengths.cumsum(1)
-    starts = torch.zeros(lengths.shape[0], seq_len + 1, dtype=torch.bool, device=lengths.device)
-    idx = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1).clamp(max=seq_len)
+    starts = torch.zeros(lengths.shape[0], seq_len + 2, dtype=torch.bool, device=lengths.device)
+    idx = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1).clamp(max=seq_len + 1)
     starts.scatter_(1, idx, lengths > 0)
     return starts[:, :seq_len]
 
 
-def _force_bos(ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """BOS is its own patch: a patch starts at each BOS and right after it; likewise the first
-    byte of every sequence (positions 0 and 1 start, as in BLT)."""
-    bos = ids == BOS_ID
-    starts = starts | bos
-    starts[:, 1:] |= bos[:, :-1]
-    starts[:, :2] = True
-    return starts
+def _forced(ids: torch.Tensor) -> torch.Tensor:
+    """[B, T+1]: positions 0 and 1, after each BOS/EOS, and at each BOS."""
+    B, T = ids.shape
+    f = torch.zeros(B, T + 1, dtype=torch.bool, device=ids.device)
+    f[:, : min(2, T + 1)] = True
+    f[:, 1:] |= (ids == BOS_ID) | (ids == EOS_ID)
+    f[:, :T] |= ids == BOS_ID
+    return f
 
 
 def _cap_length(starts: torch.Tensor, max_len: int | None) -> torch.Tensor:
-    """Split patches longer than ``max_len`` (a causal rule: depends only on earlier starts)."""
+    """Split patches longer than ``max_len`` into pieces of ``max_len`` counted from each patch
+    start (causal: position t only looks at earlier starts).  Position 0 must be a start."""
     if not max_len:
         return starts
-    starts = starts.clone()
-    run = torch.zeros(starts.shape[0], dtype=torch.long, device=starts.device)
-    for t in range(starts.shape[1]):
-        run = torch.where(starts[:, t], torch.zeros_like(run), run + 1)
-        force = run >= max_len
-        starts[:, t] |= force
-        run = torch.where(force, torch.zeros_like(run), run)
-    return starts
+    pos = torch.arange(starts.shape[1], device=starts.device).expand_as(starts)
+    last = torch.where(starts, pos, torch.zeros_like(pos)).cummax(1).values
+    return starts | ((pos - last) % max_len == 0)
+
+
+def _nonword(ids: torch.Tensor) -> torch.Tensor:
+    b = ids - OFFSET
+    alnum = ((b >= 48) & (b <= 57)) | ((b >= 65) & (b <= 90)) | ((b >= 97) & (b <= 122))
+    return ~(alnum | (b >= 0x80))  # special ids (b < 0) are non-word too
+
+
+def entropy_starts(entropies: torch.Tensor, threshold: float, monotonic: bool = False,
+                   include_next: bool = False) -> torch.Tensor:
+    """BLT's rules on entropies [B, T] (``H[t]`` is the entropy of the prediction of byte t+1):
+    global: byte t starts a patch if ``H[t-1] > threshold``; monotonic: if
+    ``H[t-1] - H[t-2] > threshold``.  Positions 0 and 1 always start.  Returns [B, T], or with
+    ``include_next`` [B, T+1] (the last column: does the next byte start a patch)."""
+    B, T = entropies.shape
+    s = torch.zeros(B, T + 1, dtype=torch.bool, device=entropies.device)
+    if monotonic:
+        if T >= 2:
+            s[:, 2:] = (entropies[:, 1:] - entropies[:, :-1]) > threshold
+    else:
+        s[:, 1:] = entropies > threshold
+    s[:, :2] = True
+    return s if include_next else s[:, :T]
+
+
+# ------------------------------------------------------------------------------------------
+# Patchers
 
 
 class Patcher:
-    """Base: subclasses implement ``starts(ids)``."""
+    """Base: subclasses implement ``_rule(ids) -> [B, T+1]`` (their own starts, before the
+    forced starts and ``max_patch_length``)."""
 
     name = "base"
-    incremental = True
+    incremental = True  # boundaries of a prefix == the full text's boundaries up to there
 
     def __init__(self, max_patch_length: int | None = None):
         self.max_patch_length = max_patch_length
 
-    def starts(self, ids: torch.Tensor) -> torch.Tensor:
+    def _rule(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _cap(self) -> int | None:
+        return self.max_patch_length
+
+    def starts_with_next(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T+1] start mask; column T: whether the next byte starts a patch."""
+        return _cap_length(self._rule(ids) | _forced(ids), self._cap())
+
+    def starts(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] start mask."""
+        return self.starts_with_next(ids)[:, : ids.shape[1]]
+
+    def lengths(self, ids: torch.Tensor) -> torch.Tensor:
+        s = self.starts_with_next(ids)
+        return lengths_from_starts(s[:, :-1], s[:, -1])
+
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return lengths_from_starts(self.starts(ids))
+        return self.lengths(ids)
+
+    def describe(self) -> str:
+        return self.name + (f", max_patch_length {self.max_patch_length}" if self.max_patch_length else "")
+
+
+def _empty(ids: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
 
 
 class StaticPatcher(Patcher):
-    """Fixed-size patches after the BOS patch (counted from position 1 and after each BOS)."""
+    """Fixed-size patches, counted from position 1 and from each forced start (BOS/EOS)."""
 
     name = "static"
 
@@ -90,9 +187,14 @@ class StaticPatcher(Patcher):
         super().__init__(max_patch_length)
         self.patch_size = patch_size
 
-    def starts(self, ids):
-        s = _force_bos(ids, torch.zeros_like(ids, dtype=torch.bool))
-        return _cap_length(s, min(self.patch_size, self.max_patch_length or self.patch_size))
+    def _rule(self, ids):
+        return _empty(ids)
+
+    def _cap(self):
+        return min(self.patch_size, self.max_patch_length or self.patch_size)
+
+    def describe(self):
+        return f"static, patch_size {self.patch_size}" + (f", max_patch_length {self.max_patch_length}" if self.max_patch_length else "")
 
 
 class BytePatcher(Patcher):
@@ -100,78 +202,214 @@ class BytePatcher(Patcher):
 
     name = "byte"
 
-    def starts(self, ids):
-        return torch.ones_like(ids, dtype=torch.bool)
+    def _rule(self, ids):
+        return torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
 
 
 class SpacePatcher(Patcher):
-    """BLT's space patching: a patch starts at each byte that follows a non-word byte
-    (not ASCII alphanumeric and not a UTF-8 continuation byte); runs of non-word bytes merge."""
+    """BLT's space patching: a patch starts after the first byte of each run of non-word bytes
+    (ASCII non-alphanumerics and special ids; bytes >= 0x80 are word bytes, see the module doc)."""
 
     name = "space"
 
-    def starts(self, ids):
-        b = ids - OFFSET
-        alnum = ((b >= 48) & (b <= 57)) | ((b >= 65) & (b <= 90)) | ((b >= 97) & (b <= 122))
-        cont = (b >= 0x80) & (b < 0xC0)
-        word = alnum | cont
-        nonword = ~word
-        s = torch.zeros_like(ids, dtype=torch.bool)
-        # start where a word byte follows a non-word byte, or a non-word run follows a word byte
-        s[:, 1:] = (word[:, 1:] & nonword[:, :-1]) | (nonword[:, 1:] & word[:, :-1])
-        s = _force_bos(ids, s)
-        return _cap_length(s, self.max_patch_length)
-
-
-def entropy_starts(entropies: torch.Tensor, threshold: float, monotonic: bool = False) -> torch.Tensor:
-    """BLT's rules: the entropy at position t (predicting t+1) decides whether t+1 starts a patch;
-    global: H[t] > threshold; monotonic: H[t] - H[t-1] > threshold.  Positions 0 and 1 start."""
-    s = torch.zeros_like(entropies, dtype=torch.bool)
-    if monotonic:
-        rise = entropies[:, 1:] - entropies[:, :-1]
-        s[:, 2:] = rise[:, :-1] > threshold
-    else:
-        s[:, 1:] = entropies[:, :-1] > threshold
-    s[:, :2] = True
-    return s
+    def _rule(self, ids):
+        nw = _nonword(ids)
+        end = nw.clone()
+        end[:, 1:] &= ~nw[:, :-1]  # only the first non-word byte of a run ends a patch
+        s = _empty(ids)
+        s[:, 1:] = end
+        return s
 
 
 class EntropyPatcher(Patcher):
-    """Entropy patching with a (frozen) ``BltPatcher`` byte LM; entropies in nats."""
+    """Entropy patching with a (frozen) ``BltPatcher`` byte LM; entropies in nats, computed
+    without gradients, in fp32 (autocast off), ``batch_size`` rows at a time (no padding, so a
+    row's entropies never depend on the other rows)."""
 
     name = "entropy"
 
     def __init__(self, model, threshold: float, monotonic: bool = False, max_patch_length: int | None = None,
                  batch_size: int = 8):
         super().__init__(max_patch_length)
-        self.model, self.threshold, self.monotonic, self.batch_size = model, threshold, monotonic, batch_size
+        if threshold is None:
+            raise ByteifyError("entropy patching needs a threshold (calibrate the model with 'byteify calibrate')")
+        self.model, self.threshold, self.monotonic, self.batch_size = model, float(threshold), monotonic, batch_size
 
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:
         out = []
-        for chunk in ids.split(self.batch_size):
-            ent, _, _ = self.model(chunk)
-            out.append(ent.float())
+        with torch.autocast(ids.device.type, enabled=False):
+            for chunk in ids.split(self.batch_size):
+                ent, _, _ = self.model(chunk)
+                out.append(ent.float())
         return torch.cat(out)
 
-    def starts(self, ids):
-        s = entropy_starts(self.entropies(ids), self.threshold, self.monotonic)
-        return _cap_length(_force_bos(ids, s), self.max_patch_length)
+    def starts_from_entropies(self, ids: torch.Tensor, entropies: torch.Tensor) -> torch.Tensor:
+        """[B, T+1] from precomputed entropies (what a cache of entropies would feed)."""
+        s = entropy_starts(entropies, self.threshold, self.monotonic, include_next=True)
+        return _cap_length(s | _forced(ids), self.max_patch_length)
+
+    def starts_with_next(self, ids):
+        return self.starts_from_entropies(ids, self.entropies(ids))
+
+    def describe(self):
+        rule = "monotonic" if self.monotonic else "global"
+        return f"entropy ({rule}), threshold {self.threshold:.4f}" + (
+            f", max_patch_length {self.max_patch_length}" if self.max_patch_length else "")
 
 
-def build_patcher(spec, model=None) -> Patcher:
-    """From a recipe ``PatchingSpec``; ``model`` is the BltForCausalLM (for its entropy model)."""
-    from .errors import ByteifyError
+def _char_byte_offsets(seg: bytes) -> tuple[str, np.ndarray]:
+    """Text to tokenize for ``seg`` and the byte offset of each of its characters (plus the end).
+    Invalid UTF-8: one U+FFFD per invalid byte, so every byte keeps a place."""
+    try:
+        text = seg.decode("utf-8")
+        arr = np.frombuffer(seg, dtype=np.uint8)
+        starts = np.flatnonzero((arr & 0xC0) != 0x80)
+    except UnicodeDecodeError:
+        raw = seg.decode("utf-8", "surrogateescape")
+        sizes = [len(c.encode("utf-8", "surrogateescape")) for c in raw]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+        text = "".join("\ufffd" if "\udc80" <= c <= "\udcff" else c for c in raw)
+    return text, np.concatenate([starts, [len(seg)]]).astype(np.int64)
 
-    if spec.mode == "static":
-        return StaticPatcher(spec.patch_size, spec.max_patch_length)
-    if spec.mode == "byte":
+
+class SourceTokenPatcher(Patcher):
+    """Boundaries at the source tokenizer's token starts, per run of text bytes (the bytes
+    between special ids), tokenized without special tokens.  A boundary sits at the start of
+    each token's character span (the end of the previous token's span where the tokenizer
+    trims whitespace from offsets), so a multi-byte character is never split.  Not incremental:
+    a token's extent depends on the bytes after it."""
+
+    name = "source_tokens"
+    incremental = False
+
+    def __init__(self, tokenizer, max_patch_length: int | None = None):
+        super().__init__(max_patch_length)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ByteifyError("patching.mode 'source_tokens' needs a fast (tokenizers) source tokenizer for offsets")
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, max_patch_length: int | None = None) -> "SourceTokenPatcher":
+        return cls(load_source_tokenizer(model_dir), max_patch_length)
+
+    def segment_starts(self, seg: bytes) -> np.ndarray:
+        """Byte offsets (within ``seg``) where a token starts."""
+        if not seg:
+            return np.zeros(0, np.int64)
+        text, char_off = _char_byte_offsets(seg)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        bounds = [0]
+        prev_end = None
+        for a, b in enc["offset_mapping"]:
+            if b <= a:
+                continue
+            start = a if prev_end is None else min(a, prev_end)
+            bounds.append(start)
+            prev_end = b
+        return np.unique(char_off[np.clip(np.asarray(bounds, dtype=np.int64), 0, len(text))])
+
+    def _rule(self, ids):
+        s = _empty(ids)
+        rows = ids.detach().cpu().numpy()
+        for r, row in enumerate(rows):
+            text = np.concatenate([[False], row >= OFFSET, [False]])
+            edges = np.flatnonzero(text[1:] != text[:-1])  # run starts and ends, alternating
+            for a, b in zip(edges[::2], edges[1::2]):
+                seg = (row[a:b] - OFFSET).astype(np.uint8).tobytes()
+                offs = self.segment_starts(seg)
+                s[r, torch.from_numpy(a + offs[offs < b - a])] = True
+        return s
+
+
+# ------------------------------------------------------------------------------------------
+# The source tokenizer and building patchers
+
+
+def source_tokenizer_dir(model_dir: str | Path) -> Path | None:
+    """``MODEL/byteify_source/tokenizer``, or the one of the converted model a training
+    checkpoint came from (``byteify.json``'s ``converted_model_dir``)."""
+    model_dir = Path(model_dir)
+    cand = [model_dir / "byteify_source" / "tokenizer"]
+    meta = model_dir / "byteify.json"
+    if meta.exists():
+        try:
+            conv = json.loads(meta.read_text()).get("converted_model_dir")
+        except (OSError, ValueError):
+            conv = None
+        if conv:
+            cand.append(Path(conv) / "byteify_source" / "tokenizer")
+    for c in cand:
+        if c.is_dir() and any(c.iterdir()):
+            return c
+    return None
+
+
+def load_source_tokenizer(model_dir: str | Path):
+    d = source_tokenizer_dir(model_dir)
+    if d is None:
+        raise ByteifyError(f"{model_dir}: no source tokenizer (byteify_source/tokenizer); "
+                           f"'byteify convert' keeps it when the source ships one")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(d))
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a user-facing one-liner
+        raise ByteifyError(f"{d}: cannot load the source tokenizer ({type(exc).__name__}: {exc})") from None
+
+
+def _model_dir_of(model) -> str | None:
+    if model is None:
+        return None
+    cfg = getattr(model, "config", None)
+    path = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return path or None
+
+
+def config_threshold(config, monotonic: bool = False) -> float | None:
+    """The threshold a model config carries: ``patching_threshold`` (global rule, what stock
+    transformers uses) or byteify's ``patching_monotonic_threshold`` (monotonic rule)."""
+    if monotonic:
+        return getattr(config, "patching_monotonic_threshold", None)
+    return getattr(config, "patching_threshold", None)
+
+
+def build_patcher(spec, model=None, *, for_generation: bool = False, model_dir: str | Path | None = None,
+                  entropy_model=None) -> Patcher:
+    """From a recipe ``PatchingSpec`` (mode, patch_size, threshold, monotonic, max_patch_length).
+
+    ``model`` is the BltForCausalLM (its entropy model and config threshold; its directory for
+    the source tokenizer), or pass ``entropy_model`` (a ``BltPatcher``) and ``model_dir``.
+    ``for_generation=True`` refuses patchers that are not incremental (``source_tokens``)."""
+    mode = spec.mode
+    mpl = spec.max_patch_length
+    if mode == "static":
+        return StaticPatcher(spec.patch_size, mpl)
+    if mode == "byte":
         return BytePatcher()
-    if spec.mode == "space":
-        return SpacePatcher(spec.max_patch_length)
-    if spec.mode == "entropy":
-        if model is None or getattr(model.model, "patcher", None) is None:
+    if mode == "space":
+        return SpacePatcher(mpl)
+    if mode == "entropy":
+        ent = entropy_model
+        config = getattr(model, "config", None)
+        if ent is None and model is not None:
+            ent = getattr(getattr(model, "model", None), "patcher", None)
+        if ent is None:
             raise ByteifyError("patching.mode 'entropy' needs a model with an entropy model (patch_in_forward)")
-        threshold = spec.threshold if spec.threshold is not None else model.config.patching_threshold
-        return EntropyPatcher(model.model.patcher, threshold, spec.monotonic, spec.max_patch_length)
-    raise ByteifyError(f"patching.mode '{spec.mode}' is not available yet")
+        threshold = spec.threshold
+        if threshold is None and config is not None:
+            threshold = config_threshold(config, spec.monotonic)
+        if threshold is None and spec.monotonic:
+            raise ByteifyError("patching.monotonic needs patching.threshold, or a model calibrated with "
+                               "'byteify calibrate --monotonic' (patching_monotonic_threshold in config.json)")
+        return EntropyPatcher(ent, threshold, spec.monotonic, mpl)
+    if mode == "source_tokens":
+        if for_generation:
+            raise ByteifyError("patching.mode 'source_tokens' cannot be used for generation: the source tokenizer "
+                               "looks ahead (a token's end depends on later bytes), so boundaries of a prefix are not "
+                               "final; generate with entropy, static, space or byte patching")
+        path = model_dir or _model_dir_of(model)
+        if path is None:
+            raise ByteifyError("patching.mode 'source_tokens' needs the model directory (for byteify_source/tokenizer)")
+        return SourceTokenPatcher.from_model_dir(path, mpl)
+    raise ByteifyError(f"patching.mode '{mode}': unknown; choose one of {', '.join(MODES)}")
