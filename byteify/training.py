@@ -317,7 +317,7 @@ class Trainer:
         if r.run.threads:
             torch.set_num_threads(r.run.threads)
         self.dist = setup_distributed(r.run.device)
-        self.base_model_dir = Path(r.model)
+        self.base_model_dir = ckpt.resolve_model_dir(r.model)  # a model dir, checkpoint or run dir
         state = {"global_step": 0, "stage_index": 0, "stage_step": 0, "bytes_seen": 0, "stage_name": r.stages[0].name}
         resume_state = None
         if self.resume_from is not None:
@@ -544,9 +544,12 @@ def plan(recipe: Recipe) -> str:
     from transformers import AutoConfig, BltForCausalLM
 
     cfg_path = Path(recipe.model) / "config.json"
-    if not cfg_path.exists():
-        raise ByteifyError(f"{cfg_path}: not found; 'model' must be a directory from 'byteify convert'")
-    config = AutoConfig.from_pretrained(recipe.model)
+    try:
+        model_dir = ckpt.resolve_model_dir(recipe.model)
+    except ByteifyError:
+        raise ByteifyError(f"{cfg_path}: not found; 'model' must be a directory from 'byteify convert' "
+                           "(or a training run / checkpoint)") from None
+    config = AutoConfig.from_pretrained(str(model_dir))
     lines = [f"model: {recipe.model}", f"output_dir: {recipe.output_dir}",
              f"data: {', '.join(s.path for s in recipe.data.sources)}; seq_len {recipe.data.seq_len} bytes"]
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -204,3 +204,26 @@ def test_every_shipped_recipe_passes_dry_run(tiny_blt, name, tmp_path):
     assert res.exit_code == 0, res.output
     assert "trainable" in res.output and "memory estimate" in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_activation_checkpointing_gives_the_same_losses(tiny_blt, tmp_path):
+    run(tiny_blt, tmp_path / "a", "stages.0.steps=3")
+    run(tiny_blt, tmp_path / "b", "stages.0.steps=3", "run.activation_checkpointing=true")
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for s in (1, 2, 3):
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tiny_blt, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ByteifyError, match="tensorboard"):
+        run(tiny_blt, tmp_path / "r", "stages.0.steps=1", "stages.0.warmup_steps=0", "run.tensorboard=true")

@@ -1,0 +1,14 @@
+"""Write the held-out (validation) documents of the embedded corpus, exactly as the recipes split
+them (val_fraction 0.05, seed 0), to a JSONL file: text no training run has seen."""
+import json
+import sys
+
+from byteify.distillation import split_sources
+from byteify.recipes import load_recipe
+
+recipe, _ = load_recipe("smollm2-135m")
+_, val = split_sources(recipe)
+with open(sys.argv[1], "w") as f:
+    for doc in val:
+        f.write(json.dumps({"text": doc.decode("utf-8", errors="replace")}) + "\n")
+print(f"{len(val)} held-out documents, {sum(map(len, val)):,} bytes -> {sys.argv[1]}")
