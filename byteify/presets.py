@@ -127,6 +127,17 @@ def _closest_key(model: type[BaseModel], loc: tuple) -> str | None:
     return ".".join([str(p) for p in loc[:-1]] + [close[0]]) if close else None
 
 
+def load_yaml_mapping(path: Path) -> dict:
+    """A YAML file whose top level is a mapping (one-line ByteifyError otherwise)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ByteifyError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ByteifyError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def parse_overrides(items: list[str], where: str = "--set") -> dict:
     """``["encoder.hidden_size=256", ...]`` -> nested dict; values parsed as YAML scalars."""
     out: dict = {}
@@ -165,13 +176,7 @@ def load_spec(preset: str | None = "auto", overrides: list[str] | None = None) -
         p = Path(preset)
         if not p.exists():
             raise ByteifyError(f"{p}: preset file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ByteifyError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ByteifyError(f"{p}: expected a mapping of preset keys")
-        where = str(p)
+        data, where = load_yaml_mapping(p), str(p)
     else:
         raise ByteifyError(f"--preset '{preset}': unknown; choose one of {', '.join(PRESETS)} or a .yaml file")
     import copy

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import ByteifyError
 from .inspection import PARTS
-from .presets import validation_message
+from .presets import load_yaml_mapping, validation_message
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 Part = Literal["local_encoder", "hash_embeddings", "local_decoder", "global", "entropy_model"]
@@ -208,13 +208,7 @@ def _apply_override(data: dict, key: str, value, where: str) -> None:
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> tuple[Recipe, dict]:
     """Validated recipe plus the resolved raw dict (saved in the run directory)."""
     path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ByteifyError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ByteifyError(f"{path}: expected a mapping at the top level")
-    data = copy.deepcopy(data)
+    data = copy.deepcopy(load_yaml_mapping(path))
     for item in overrides or []:
         if "=" not in item:
             raise ByteifyError(f"override '{item}': expected key=value")
