@@ -17,8 +17,8 @@ import torch
 
 from .conversion import METADATA_FILE, AtomicDirectory, ShardWriter
 from .errors import ByteifyError
+from .tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -66,7 +66,7 @@ def write_model_dir(out: Path, config, state: dict[str, torch.Tensor], source_mo
         writer.add(k, state[k].detach().to("cpu").contiguous())
     writer.close()
     config.save_pretrained(str(out))
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + ("generation_config.json",):
         if (source_model_dir / name).exists():
             shutil.copyfile(source_model_dir / name, out / name)
     meta_path = source_model_dir / METADATA_FILE

@@ -36,8 +36,8 @@ import torch
 from . import __version__
 from .conversion import DTYPES, METADATA_FILE, AtomicDirectory, ShardWriter, check_output_path, parse_size
 from .errors import ByteifyError
+from .tokenizer import TOKENIZER_FILES
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 CARD_TAGS = ("byte-latent-transformer", "blt", "byteify", "tokenizer-free")
 _ST_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

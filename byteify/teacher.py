@@ -43,7 +43,7 @@ def load_teacher(model_dir: str | Path, dtype=torch.float32):
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .verification import _BltWeights
+    from .verification import BltWeights
 
     root = converted_dir(model_dir)
     side = root / SIDE_DIR
@@ -51,7 +51,7 @@ def load_teacher(model_dir: str | Path, dtype=torch.float32):
     with torch.device("meta"):
         teacher = AutoModelForCausalLM.from_config(config)
     teacher = teacher.to_empty(device="cpu")
-    blt = _BltWeights(root)
+    blt = BltWeights(root)
     tmap = load_tensor_map()
     sd = {}
     for i in range(config.num_hidden_layers):

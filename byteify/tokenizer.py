@@ -14,6 +14,7 @@ from pathlib import Path
 BOE_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 OFFSET = 4
 VOCAB_SIZE = 256 + OFFSET
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 SPECIAL_TOKENS = {"<boe>": BOE_ID, "<s>": BOS_ID, "</s>": EOS_ID, "<pad>": PAD_ID}
 
 

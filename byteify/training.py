@@ -184,7 +184,7 @@ def lr_lambda(stage: StageSpec):
     return f
 
 
-def param_counts(model, stage: StageSpec | None = None) -> dict[str, dict[str, int]]:
+def param_counts(model) -> dict[str, dict[str, int]]:
     out = {p: {"trainable": 0, "frozen": 0} for p in PARTS}
     for name, p in model.named_parameters():
         key = "trainable" if p.requires_grad else "frozen"

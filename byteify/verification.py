@@ -41,7 +41,7 @@ class VerifyReport:
         )
 
 
-class _BltWeights:
+class BltWeights:
     """Lazy reader of a model directory's safetensors (single file or sharded)."""
 
     def __init__(self, model_dir: Path):
@@ -102,7 +102,7 @@ def verify_transplant(source: SourceCheckpoint, model_dir: str | Path, *, tolera
             setattr(scfg, key, False)
     out_dtype = blt_cfg.dtype if isinstance(blt_cfg.dtype, torch.dtype) else getattr(torch, str(blt_cfg.dtype or "float32"))
 
-    blt = _BltWeights(model_dir)
+    blt = BltWeights(model_dir)
     with safe_open(str(model_dir / "byteify_source" / "source_weights.safetensors"), framework="pt") as f:
         embed = f.get_tensor("embed_tokens.weight").float()
     ids = probe_ids(source, n_tokens, model_dir)
