@@ -61,11 +61,12 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty OUT")] = False,
 ):
     """Transplant SRC's decoder layers into a BLT global transformer; write a HF-loadable model to OUT."""
-    from byteify.conversion import convert as run_convert
+    from byteify.conversion import convert as run_convert, return_large_frees_to_os
     from byteify.inspection import format_inspection, inspect_model
     from byteify.presets import load_spec
     from byteify.sources import open_source
 
+    return_large_frees_to_os()  # this process is one streaming conversion: keep its peak at one tensor
     spec = load_spec(preset, set_ or [])
     source = open_source(src)
     typer.echo(f"source: {source.path} ({source.format}, {source.architecture}, {source.config.num_hidden_layers} layers, "

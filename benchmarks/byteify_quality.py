@@ -14,8 +14,8 @@ evaluated on ``--final-bytes`` of held-out text with ``byteify eval``'s code, ne
 
 Usage: .venv/bin/python benchmarks/byteify_quality.py [--budget 1.0] [--work DIR] [--rows 1,2,3,4]
        .venv/bin/python benchmarks/byteify_quality.py --ablate [--ablate-steps 30]
-The ablation mode runs the distillation stage alone in three variants (default; dense
-byte-marginal term off; encoder half off) for the same steps and reports, at the end, the decoder half's
+The ablation mode runs the distillation stage alone in five variants (default; dense
+byte-marginal term off; encoder half off; k = 1 and 8 instead of 4) for the same steps and reports, at the end, the decoder half's
 held-out bits per byte (decoder reading the teacher) and the end-to-end path's (encoder -> frozen
 transplanted global -> decoder, entropy patches) without any end-to-end training.
 """
@@ -183,7 +183,8 @@ def plot(curves: dict, source_bpb: float, path: Path) -> bool:
 
 def ablate(work: Path, start: Path, out: Path, args) -> None:
     variants = [("default (dense KL, encoder half, k=4)", {}), ("no dense byte-marginal term", {"kl_weight": 0.0}),
-                ("no encoder half", {"encoder": False})]
+                ("no encoder half", {"encoder": False}), ("encoder half through k=1 layer", {"encoder_layers": 1}),
+                ("encoder half through k=8 layers", {"encoder_layers": 8})]
     n = args.ablate_steps
     lines = [f"Distillation-stage ablations on SmolLM2-135M: {n} steps of {BATCH_BYTES} bytes each, lr 1e-3, seed "
              f"{args.seed}; held-out bits per byte at the end (first 16 KB of the validation split).", "",

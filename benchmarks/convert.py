@@ -12,7 +12,9 @@ process's own peak):
       copy the permuted global weights in, ``save_pretrained``
   (d) for diagnosis: convert's fresh-part initialisation (transformers' BLT init) alone
 
-plus the interpreter's baseline RSS after ``import torch, transformers, byteify.conversion``.
+plus the interpreter's baseline after the imports convert needs (byteify's CLI and transformers'
+BLT modeling code, which alone is ~95 MB of RSS), and, for reference, after importing only
+``torch, transformers, byteify.conversion`` (transformers imports its model code lazily).
 
 Usage: .venv/bin/python benchmarks/convert.py [--work DIR] [--shard-size 100MB] [--repeat 1]
 """
@@ -121,12 +123,16 @@ save_byte_tokenizer(out)
 # Where convert's own peak comes from: transformers' init of the fresh BLT parts, alone.
 FRESH_ONLY = r"""
 import sys
-from byteify.conversion import build_blt_config, init_fresh_parts
+import torch
+from byteify.conversion import build_blt_config, embedding_rms, fresh_parts
 from byteify.presets import load_spec
 from byteify.sources import open_source
 
-config, _ = build_blt_config(open_source(sys.argv[1]), load_spec("auto"))
-init_fresh_parts(config, 0)
+source = open_source(sys.argv[1])
+config, _ = build_blt_config(source, load_spec("auto"))
+for name, shape, chunks in fresh_parts(config, 0, torch.bfloat16, patch_rms=embedding_rms(source)):
+    for c in chunks:
+        pass
 """
 
 
@@ -149,7 +155,10 @@ def main(argv=None) -> int:
         return out
 
     methods = {
-        "baseline (imports)": lambda: [PY, "-c", "import torch, transformers, byteify.conversion"],
+        "baseline (imports)": lambda: [PY, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import cli; "
+                                                 "from transformers import BltForCausalLM"],
+        "(imports of torch, transformers, byteify.conversion only)": lambda: [
+            PY, "-c", "import torch, transformers, byteify.conversion"],
         "byteify convert --no-verify": lambda: [BYTEIFY, "convert", str(src), str(fresh_out("out-byteify")),
                                                 "--no-verify", "--dtype", "bf16"],
         "copy (shutil.copytree)": lambda: [PY, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])",

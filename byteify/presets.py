@@ -67,6 +67,8 @@ class ArchitectureSpec(_Strict):
     entropy: EntropySpec = EntropySpec()
     hash: HashSpec = HashSpec()
     patching: PatchingSpec = PatchingSpec()
+    # scale the fresh encoder's outputs to the source embeddings' RMS (what the transplanted layers expect)
+    match_embedding_scale: bool = True
 
 
 PRESETS: dict[str, dict] = {

@@ -86,6 +86,9 @@ class SourceCheckpoint:
     def nbytes(self, name: str) -> int:
         return self._nbytes[name]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name])
+
     @property
     def dtype(self) -> torch.dtype:
         """The floating dtype the source stores (float32 for quantized GGUF)."""
@@ -93,17 +96,20 @@ class SourceCheckpoint:
         table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
         return table[names.pop()] if len(names) == 1 and next(iter(names), None) in table else torch.float32
 
+    def _handle(self, loc):
+        from safetensors import safe_open
+
+        if loc not in self._handles:
+            self._handles.clear()  # one shard mapped at a time, so resident memory stays at one shard
+            self._handles[loc] = safe_open(str(loc), framework="pt")
+        return self._handles[loc]
+
     def read(self, name: str) -> torch.Tensor:
         """Load one tensor into memory (dequantized to float32 for quantized GGUF types)."""
         loc = self._locations[name]
         if self.format == "hf":
-            from safetensors import safe_open
-
-            if loc not in self._handles:
-                self._handles.clear()  # one shard mapped at a time, so resident memory stays at one shard
-                self._handles[loc] = safe_open(str(loc), framework="pt")
             try:
-                return self._handles[loc].get_tensor(name)
+                return self._handle(loc).get_tensor(name)
             except Exception as exc:  # truncated data surfaces here on some files
                 raise ByteifyError(f"{loc}: cannot read tensor '{name}': {exc}") from None
         import numpy as np
@@ -112,6 +118,23 @@ class SourceCheckpoint:
         t = loc
         arr = dequantize(t.data, t.tensor_type)
         return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(self._shapes[name])
+
+    def read_rows(self, name: str, rows: int = 4096):
+        """One tensor as consecutive blocks of ``rows`` rows, for tensors too large to copy whole
+        (embedding tables); safetensors sources are sliced, GGUF ones dequantized then split."""
+        loc = self._locations[name]
+        if self.format != "hf":
+            t = self.read(name)
+            for start in range(0, t.shape[0], rows):
+                yield t[start:start + rows]
+            return
+        try:
+            sl = self._handle(loc).get_slice(name)
+            n = sl.get_shape()[0]
+            for start in range(0, n, rows):
+                yield sl[start:start + rows]
+        except Exception as exc:
+            raise ByteifyError(f"{loc}: cannot read tensor '{name}': {exc}") from None
 
     def load_tokenizer(self):
         """The source tokenizer through transformers, or None if the checkpoint ships none."""

@@ -235,15 +235,15 @@ def test_failed_verification_leaves_nothing(sources, tmp_path, monkeypatch):
 
 def test_interrupt_leaves_nothing(sources, tmp_path, monkeypatch):
     calls = {"n": 0}
-    add = conversion.ShardWriter.add
+    add = conversion.ShardWriter.add_chunks
 
-    def interrupted_add(self, name, tensor):
+    def interrupted_add(self, name, shape, dtype, chunks):
         calls["n"] += 1
         if calls["n"] == 40:
             raise KeyboardInterrupt
-        return add(self, name, tensor)
+        return add(self, name, shape, dtype, chunks)
 
-    monkeypatch.setattr(conversion.ShardWriter, "add", interrupted_add)
+    monkeypatch.setattr(conversion.ShardWriter, "add_chunks", interrupted_add)
     out = tmp_path / "out"
     r = run("convert", sources("gqa-tied-fp32").path, out, "--preset", "tiny")
     assert r.exit_code == 130 and calls["n"] == 40

@@ -204,28 +204,40 @@ def test_sharded_source_metadata_hashes_every_shard(converted):
 
 
 def test_convert_streams_one_source_tensor_at_a_time(sources, tiny_spec, tmp_path, monkeypatch):
-    """No more than one tensor read from the source is alive at any moment while writing, and the
-    verification holds at most one layer."""
+    """No more than one tensor (or row block of an embedding table) read from the source is alive
+    at any moment while writing, and the verification holds at most one layer."""
     live: set[int] = set()
-    peak = {"n": 0, "reads": 0}
-    read = SourceCheckpoint.read
+    peak = {"n": 0, "reads": 0, "row_reads": set()}
+    read, read_rows = SourceCheckpoint.read, SourceCheckpoint.read_rows
+
+    def track(t):
+        peak["reads"] += 1
+        live.add(peak["reads"])
+        weakref.finalize(t, live.discard, peak["reads"])
+        peak["n"] = max(peak["n"], len(live))
 
     def tracking_read(self, name):
         t = read(self, name)
-        peak["reads"] += 1
-        key = peak["reads"]
-        live.add(key)
-        weakref.finalize(t, live.discard, key)
-        peak["n"] = max(peak["n"], len(live))
+        track(t)
         return t
 
+    def tracking_read_rows(self, name, rows=4096):
+        peak["row_reads"].add(name)
+        for block in read_rows(self, name, rows=2):  # many blocks even for tiny tables
+            if self.format == "hf":  # GGUF blocks are views of one dequantized read(), tracked there
+                track(block)
+            yield block
+            del block
+
     monkeypatch.setattr(SourceCheckpoint, "read", tracking_read)
+    monkeypatch.setattr(SourceCheckpoint, "read_rows", tracking_read_rows)
     for name in ("mha-untied-fp32", "gguf-untied-mha"):  # untied: every layer tensor + 3 side tensors
         s = open_source(sources(name).path)
-        n_tensors = len(list(s.layer_entries())) + len(list(s.side_entries()))
-        peak.update(n=0, reads=0)
+        side = {n for n, _, _ in s.side_entries()}
+        peak.update(n=0, reads=0, row_reads=set())
         convert(s, tmp_path / name, tiny_spec, progress=False, verify=False)
-        assert peak["reads"] == n_tensors
+        assert peak["row_reads"] == side  # side tensors (embeddings, head, norm) in row blocks
+        assert peak["reads"] > len(list(s.layer_entries())) + len(side)
         assert peak["n"] == 1, f"{name}: {peak['n']} source tensors alive at once"
     peak.update(n=0, reads=0)
     convert(open_source(sources("mha-untied-fp32").path), tmp_path / "v", tiny_spec, progress=False, log=lambda m: None)
@@ -297,3 +309,69 @@ def test_real_smollm2_gguf(tmp_path):
     src_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     ids = src_tok("Byte Latent Transformers read bytes, not tokens.", return_tensors="pt").input_ids
     assert transplant_rel_diff(source.eval(), out, ids) <= TOL
+
+
+def test_trunc_normal_by_rejection_matches_torch_distribution():
+    from byteify.conversion import trunc_normal_by_rejection_
+
+    g = torch.Generator().manual_seed(0)
+    fast = trunc_normal_by_rejection_(torch.empty(400_000), mean=0.1, std=0.5, a=-0.8, b=1.0, generator=g)
+    ref = torch.nn.init.trunc_normal_(torch.empty(400_000), mean=0.1, std=0.5, a=-0.8, b=1.0,
+                                      generator=torch.Generator().manual_seed(1))
+    assert float(fast.min()) >= -0.8 and float(fast.max()) <= 1.0
+    assert abs(float(fast.mean()) - float(ref.mean())) < 0.005
+    assert abs(float(fast.std()) / float(ref.std()) - 1) < 0.01
+    qs = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    assert torch.allclose(fast.quantile(qs), ref.quantile(qs), atol=0.01)
+    again = trunc_normal_by_rejection_(torch.empty(400_000), mean=0.1, std=0.5, a=-0.8, b=1.0,
+                                       generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fast, again)
+    # a window far in the tail keeps little mass: torch's inverse-CDF method, still inside [a, b]
+    tail = trunc_normal_by_rejection_(torch.empty(1000), mean=0.0, std=1.0, a=1.0, b=2.0)
+    assert float(tail.min()) >= 1.0 and float(tail.max()) <= 2.0
+
+
+def test_shard_writer_chunks_round_trip_and_size_check(tmp_path):
+    from safetensors.torch import load_file
+
+    w = ShardWriter(tmp_path, 1 << 30)
+    table = torch.randn(10, 3).to(torch.bfloat16)
+    w.add_chunks("table", (10, 3), torch.bfloat16, iter(table.split(4)))
+    w.add("bias", torch.ones(3))
+    with pytest.raises(ValueError, match="short: 24 bytes written for shape \\[5, 3\\] \\(30 expected\\)"):
+        w.add_chunks("short", (5, 3), torch.bfloat16, iter([table[:4]]))
+    with pytest.raises(ValueError, match="float32, expected torch.bfloat16"):
+        w.add_chunks("mixed", (2, 3), torch.bfloat16, iter([torch.zeros(2, 3)]))
+    w.close()
+    got = load_file(str(tmp_path / "model.safetensors"))  # the failed tensors left no bytes behind
+    assert got.keys() == {"table", "bias"}
+    assert torch.equal(got["table"], table) and torch.equal(got["bias"], torch.ones(3))
+
+
+@pytest.mark.parametrize("name", ["mha-untied-fp32", "gguf-untied-mha"])
+def test_read_rows_concatenate_to_the_tensor(sources, name):
+    s = open_source(sources(name).path)
+    src_name = next(n for n, side, _ in s.side_entries() if side == "embed_tokens.weight")
+    blocks = list(s.read_rows(src_name, rows=7))
+    assert len(blocks) > 1 and all(b.shape[0] <= 7 for b in blocks)
+    assert torch.equal(torch.cat(blocks), s.read(src_name))
+
+
+def test_encoder_output_scale_matches_source_embeddings(sources, tmp_path):
+    """The fresh encoder's patch outputs (the transplanted layers' inputs) come out at the source
+    embeddings' RMS (within 10%), where BLT's own init puts them several times off."""
+    from byteify.conversion import patch_output_rms
+    from byteify.presets import load_spec
+
+    src = sources("mha-untied-fp32")
+    emb = src.reference().model.embed_tokens.weight
+    target = float(emb.pow(2).mean().sqrt())
+    ratios = {}
+    for match in (True, False):
+        spec = load_spec("tiny", [f"match_embedding_scale={str(match).lower()}"])
+        out = tmp_path / f"m{match}"
+        convert(open_source(src.path), out, spec, progress=False, verify=False)
+        blt = load_blt(out)
+        ratios[match] = patch_output_rms(blt, n_bytes=2048) / target
+    assert abs(ratios[True] - 1) < 0.1, ratios
+    assert not 0.5 < ratios[False] < 2, ratios
