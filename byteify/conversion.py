@@ -128,8 +128,8 @@ def fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int
     an iterator of row blocks in ``dtype``: nothing is held longer than the writer needs it.
     The small parts come from a BLT with a zero-layer global transformer (so the transplanted
     layers are never allocated twice); the hash n-gram table, by far the largest fresh tensor, is
-    drawn ``rows`` rows at a time with the same truncated normal (std = encoder hidden^-0.5, cut
-    at 3 std): torch's ``trunc_normal_`` on the whole table needs several times its size in
+    drawn ``rows`` rows at a time (its values depend on ``seed`` and ``rows``) with the same
+    truncated normal (std = encoder hidden^-0.5, cut at 3 std): torch's ``trunc_normal_`` on the whole table needs several times its size in
     temporaries, and holding it whole would double a conversion's peak memory.
 
     ``patch_rms``: rescale the local encoder's output projections so that its patch outputs (the
@@ -257,11 +257,11 @@ def release_freed_memory() -> None:
 def _hash_table_chunks(total_rows: int, hidden: int, seed: int, dtype: torch.dtype, rows: int):
     std = hidden**-0.5
     gen = torch.Generator().manual_seed(seed + 1)
-    buf = torch.empty(rows, hidden)
     for start in range(0, total_rows, rows):  # drawn in fp32, stored in the output dtype
-        part = buf[: min(rows, total_rows - start)]
+        part = torch.empty(min(rows, total_rows - start), hidden)
         trunc_normal_by_rejection_(part, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=gen)
         yield part.to(dtype)
+        del part
 
 
 def fresh_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -340,9 +340,9 @@ def _fast_trunc_normal():
         yield
 
 
-def init_fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def init_fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int = 8192) -> dict[str, torch.Tensor]:
     """:func:`fresh_parts` gathered into one state dict (for callers that want them all at once)."""
-    return {name: torch.cat(list(chunks)).reshape(shape) for name, shape, chunks in fresh_parts(config, seed, dtype)}
+    return {name: torch.cat(list(chunks)).reshape(shape) for name, shape, chunks in fresh_parts(config, seed, dtype, rows)}
 
 
 def parse_size(text: str | int) -> int:

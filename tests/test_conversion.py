@@ -375,3 +375,18 @@ def test_encoder_output_scale_matches_source_embeddings(sources, tmp_path):
         ratios[match] = patch_output_rms(blt, n_bytes=2048) / target
     assert abs(ratios[True] - 1) < 0.1, ratios
     assert not 0.5 < ratios[False] < 2, ratios
+
+
+def test_fresh_parts_stream_equals_the_gathered_state_dict(sources, tiny_spec):
+    """The streamed fresh parts (as convert writes them) and init_fresh_parts agree, in every
+    dtype, and the hash table's row blocks are distinct draws."""
+    from byteify.conversion import build_blt_config, fresh_parts, init_fresh_parts
+
+    config, _ = build_blt_config(open_source(sources("mha-untied-fp32").path), tiny_spec)
+    for dtype in (torch.float32, torch.bfloat16):
+        whole = init_fresh_parts(config, 3, dtype, rows=100)
+        streamed = {n: torch.cat(list(c)).reshape(shape) for n, shape, c in fresh_parts(config, 3, dtype, rows=100)}
+        assert whole.keys() == streamed.keys()
+        assert all(torch.equal(whole[k], streamed[k]) for k in whole)
+        table = whole[conversion.HASH_TABLE]
+        assert table.dtype == dtype and not torch.equal(table[:100], table[100:200])
