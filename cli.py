@@ -61,7 +61,8 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty OUT")] = False,
 ):
     """Transplant SRC's decoder layers into a BLT global transformer; write a HF-loadable model to OUT."""
-    from byteify.conversion import convert as run_convert, return_large_frees_to_os
+    from byteify.conversion import convert as run_convert
+    from byteify.memory import return_large_frees_to_os
     from byteify.inspection import format_inspection, inspect_model
     from byteify.presets import load_spec
     from byteify.sources import open_source

@@ -124,7 +124,8 @@ save_byte_tokenizer(out)
 FRESH_ONLY = r"""
 import sys
 import torch
-from byteify.conversion import build_blt_config, embedding_rms, fresh_parts
+from byteify.conversion import build_blt_config, embedding_rms
+from byteify.fresh import fresh_parts
 from byteify.presets import load_spec
 from byteify.sources import open_source
 

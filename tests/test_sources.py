@@ -191,3 +191,12 @@ def test_unsupported_llama_variants(sources, tmp_path, key, value, match):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ByteifyError, match=match):
         open_source(d)
+
+
+@pytest.mark.parametrize("name", ["mha-untied-fp32", "gguf-untied-mha"])
+def test_read_rows_concatenate_to_the_tensor(sources, name):
+    s = open_source(sources(name).path)
+    src_name = next(n for n, side, _ in s.side_entries() if side == "embed_tokens.weight")
+    blocks = list(s.read_rows(src_name, rows=7))
+    assert len(blocks) > 1 and all(b.shape[0] <= 7 for b in blocks)
+    assert torch.equal(torch.cat(blocks), s.read(src_name))
