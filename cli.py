@@ -62,8 +62,8 @@ def convert(
 ):
     """Transplant SRC's decoder layers into a BLT global transformer; write a HF-loadable model to OUT."""
     from byteify.conversion import convert as run_convert
-    from byteify.memory import return_large_frees_to_os
     from byteify.inspection import format_inspection, inspect_model
+    from byteify.memory import return_large_frees_to_os
     from byteify.presets import load_spec
     from byteify.sources import open_source
 

@@ -13,7 +13,7 @@ process's own peak):
   (d) for diagnosis: convert's fresh-part initialisation (transformers' BLT init) alone
 
 plus the interpreter's baseline after the imports convert needs (byteify's CLI and transformers'
-BLT modeling code, which alone is ~95 MB of RSS), and, for reference, after importing only
+BLT modeling code, which alone is ~90 MB of RSS), and, for reference, after importing only
 ``torch, transformers, byteify.conversion`` (transformers imports its model code lazily).
 
 Usage: .venv/bin/python benchmarks/convert.py [--work DIR] [--shard-size 100MB] [--repeat 1]
