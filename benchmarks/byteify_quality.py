@@ -15,6 +15,7 @@ evaluated on ``--final-bytes`` of held-out text with ``byteify eval``'s code, ne
 
 Usage: .venv/bin/python benchmarks/byteify_quality.py [--budget 1.0] [--work DIR] [--rows 1,2,3,4]
        .venv/bin/python benchmarks/byteify_quality.py --ablate [--ablate-steps 30]
+       .venv/bin/python benchmarks/byteify_quality.py --lr-sweep 0.1,0.3,1.0
 The ablation mode runs the distillation stage alone in five variants (default; dense
 byte-marginal term off; encoder half off; k = 1 and 8 instead of 4) for the same steps and reports, at the end, the decoder half's
 held-out bits per byte (decoder reading the teacher) and the end-to-end path's (encoder -> frozen
@@ -204,6 +205,27 @@ def ablate(work: Path, start: Path, out: Path, args) -> None:
     (out / "byteify_ablations.md").write_text(text + "\n")
 
 
+def lr_sweep(work: Path, start: Path, out: Path, args, multipliers: list[float]) -> None:
+    """Row 3's recipe (transplanted global, end to end) with other global learning-rate
+    multipliers: is the BLT paper's 0.1x what holds the transplant back?"""
+    n = 113
+    docs = held_out_docs(args.final_bytes)
+    lines = [f"Global learning-rate multiplier sweep, transplanted global, {n} end-to-end steps of {BATCH_BYTES} "
+             f"bytes (local lr 1e-3), seed {args.seed}; held-out bits per byte on {sum(len(d) for d in docs):,} bytes "
+             "of the validation split.", "", "| global lr multiplier | bits/byte | train wall s |", "|---:|---:|---:|"]
+    for mult in multipliers:
+        name = "3-transplant" if mult == 0.1 else f"3-transplant-glr{mult:g}"
+        run = run_recipe(work, name, start, [stage("end-to-end", ALL, n, 1e-3, lr_multipliers={"global": mult})],
+                         max(2, int(20 * args.budget)), args.seed)
+        ck = sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))[-1] / "model"
+        bpb = final_eval(ck, docs)["bpb"]
+        lines.append(f"| {mult:g} | {bpb:.3f} | {summary(run)['wall_seconds']:.0f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    (out / "byteify_lr_sweep.md").write_text(text + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=1.0, help="scales every step count")
@@ -212,6 +234,7 @@ def main():
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--ablate", action="store_true", help="distillation-stage ablations only")
     ap.add_argument("--ablate-steps", type=int, default=30)
+    ap.add_argument("--lr-sweep", default=None, help="e.g. 0.1,0.3,1.0: row 3 with these global lr multipliers")
     ap.add_argument("--final-bytes", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -227,6 +250,8 @@ def main():
     base = work / "smollm2-blt"
     if args.ablate:
         return ablate(work, start, out, args)
+    if args.lr_sweep:
+        return lr_sweep(work, start, out, args, [float(x) for x in args.lr_sweep.split(",")])
     results, curves = {}, {}
 
     def distill_then_e2e(name, **distill):
