@@ -124,14 +124,14 @@ save_byte_tokenizer(out)
 FRESH_ONLY = r"""
 import sys
 import torch
-from byteify.conversion import build_blt_config, embedding_rms
+from byteify.conversion import build_blt_config
 from byteify.fresh import fresh_parts
 from byteify.presets import load_spec
 from byteify.sources import open_source
 
 source = open_source(sys.argv[1])
 config, _ = build_blt_config(source, load_spec("auto"))
-for name, shape, chunks in fresh_parts(config, 0, torch.bfloat16, patch_rms=embedding_rms(source)):
+for name, shape, chunks in fresh_parts(config, 0, torch.bfloat16, patch_rms=0.136):  # SmolLM2's embedding RMS
     for c in chunks:
         pass
 """

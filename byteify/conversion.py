@@ -118,21 +118,6 @@ def build_blt_config(source: SourceCheckpoint, spec: ArchitectureSpec):
     return config, s
 
 
-def embedding_rms(source: SourceCheckpoint) -> float | None:
-    """Root-mean-square of the source's input embeddings (read in row blocks), or None."""
-    for src_name, name, _ in source.side_entries():
-        if name == "embed_tokens.weight":
-            total = n = 0
-            for block in source.read_rows(src_name):
-                total += float(block.float().pow(2).sum())
-                n += block.numel()
-                del block
-            source.close()  # unmap the shard
-            release_freed_memory()
-            return math.sqrt(total / max(n, 1))
-    return None
-
-
 def _converted(blocks, dtype):
     """``blocks`` cast to ``dtype``, each released before the next is read."""
     for block in blocks:
@@ -355,8 +340,9 @@ def convert(
         fresh_bytes = sum(math.prod(shape) for shape in fresh_shapes(config).values()) * out_dtype.itemsize
         total = sum(source.nbytes(n) for n, _, _ in layer_entries) + fresh_bytes
         writer = ShardWriter(tmp, max_bytes)
+        embeddings_rms = _write_side_weights(source, tmp, out_dtype)  # first: the fresh init needs the RMS
         with _progress(total, progress, "convert") as bar:
-            target_rms = embedding_rms(source) if spec.match_embedding_scale else None
+            target_rms = embeddings_rms if spec.match_embedding_scale else None
             for name, shape, chunks in fresh_parts(config, seed, out_dtype, patch_rms=target_rms):
                 writer.add_chunks(name, shape, out_dtype, _counted(chunks, bar))
             for src_name, blt_name, entry in layer_entries:
@@ -368,7 +354,7 @@ def convert(
         config.dtype = str(out_dtype).removeprefix("torch.")
         config.save_pretrained(str(tmp))
         save_byte_tokenizer(tmp)
-        bpt = _write_side_files(source, tmp, out_dtype)
+        bpt = _write_side_files(source, tmp)
         _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings)
         report = ConvertReport(out=out, config=config, shards=shards, seconds=0.0, source_bytes_per_token=bpt,
                                warnings=warnings)
@@ -390,16 +376,37 @@ def convert(
     return report
 
 
-def _write_side_files(source: SourceCheckpoint, tmp: Path, out_dtype: torch.dtype) -> float | None:
-    """Source embeddings / head / final norm, config and tokenizer, beside the BLT."""
+def _write_side_weights(source: SourceCheckpoint, tmp: Path, out_dtype: torch.dtype) -> float | None:
+    """Source embeddings / head / final norm beside the BLT (row blocks, one file); returns the
+    input embeddings' root-mean-square, tallied on the way (None if the source has none)."""
     side = tmp / SIDE_DIR
     side.mkdir()
     writer = ShardWriter(side, 1 << 62, prefix="source_weights", header_reserve=4096)  # one file, streamed
+    tally = [0.0, 0]
     for src_name, name, _ in source.side_entries():
-        shape = source.shape(src_name)
-        writer.add_chunks(name, shape, out_dtype, _converted(source.read_rows(src_name), out_dtype))
+        blocks = _converted(source.read_rows(src_name), out_dtype)
+        if name == "embed_tokens.weight":
+            blocks = _tallied(blocks, tally)
+        writer.add_chunks(name, source.shape(src_name), out_dtype, blocks)
     writer.close()
-    source.close()
+    source.close()  # unmap the shard
+    release_freed_memory()
+    return math.sqrt(tally[0] / tally[1]) if tally[1] else None
+
+
+def _tallied(blocks, tally: list):
+    """``blocks`` passed through, their sum of squares and element count added to ``tally``."""
+    for block in blocks:
+        tally[0] += float(block.float().pow(2).sum())
+        tally[1] += block.numel()
+        yield block
+        del block
+
+
+def _write_side_files(source: SourceCheckpoint, tmp: Path) -> float | None:
+    """Source config and tokenizer beside the BLT; returns the tokenizer's bytes per token on the
+    probe text (None without a tokenizer)."""
+    side = tmp / SIDE_DIR
     src_cfg = source.config.to_dict()
     src_cfg.pop("quantization_config", None)
     src_cfg["architectures"] = [source.architecture]

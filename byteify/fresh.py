@@ -45,7 +45,7 @@ def fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int
     finally:
         torch.random.set_rng_state(saved_rng)
     if patch_rms is not None:
-        match_patch_rms(model, patch_rms, hash_table_shape(config)[1])
+        match_patch_rms(model, patch_rms)
     small = {k: v for k, v in model.state_dict().items() if k != HASH_TABLE}
     del model
     for name in sorted(small):
@@ -95,10 +95,12 @@ def patch_output_rms(model, hash_std: float | None = None, n_bytes: int = 512, p
 
 
 @torch.no_grad()
-def match_patch_rms(model, target: float, hidden: int) -> float:
+def match_patch_rms(model, target: float) -> float:
     """Scale the encoder's output projections (patch projection and cross-attention output) so
-    that :func:`patch_output_rms` equals ``target``; returns the factor applied."""
+    that :func:`patch_output_rms`, measured with the n-gram table's init std, equals ``target``;
+    returns the factor applied."""
     enc = model.model.local_encoder
+    hidden = model.config.encoder_config.hidden_size
     factor = target / max(patch_output_rms(model, hash_std=hidden**-0.5), 1e-12)
     enc.patch_embedding_projection.weight.mul_(factor)
     for layer in enc.cross_attn_layers:
@@ -175,8 +177,3 @@ def _fast_trunc_normal():
         return
     with mock.patch.dict(table, {"trunc_normal_": trunc_normal_by_rejection_}):
         yield
-
-
-def init_fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int = 8192) -> dict[str, torch.Tensor]:
-    """:func:`fresh_parts` gathered into one state dict (for callers that want them all at once)."""
-    return {name: torch.cat(list(chunks)).reshape(shape) for name, shape, chunks in fresh_parts(config, seed, dtype, rows)}

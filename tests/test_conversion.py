@@ -237,7 +237,11 @@ def test_convert_streams_one_source_tensor_at_a_time(sources, tiny_spec, tmp_pat
         peak.update(n=0, reads=0, row_reads=set())
         convert(s, tmp_path / name, tiny_spec, progress=False, verify=False)
         assert peak["row_reads"] == side  # side tensors (embeddings, head, norm) in row blocks
-        assert peak["reads"] > len(list(s.layer_entries())) + len(side)
+        n_tensors = len(list(s.layer_entries())) + len(side)
+        if s.format == "hf":  # every side tensor in several row blocks
+            assert peak["reads"] > n_tensors
+        else:  # GGUF: each tensor dequantised exactly once (the embeddings too, RMS tallied on the way)
+            assert peak["reads"] == n_tensors
         assert peak["n"] == 1, f"{name}: {peak['n']} source tensors alive at once"
     peak.update(n=0, reads=0)
     convert(open_source(sources("mha-untied-fp32").path), tmp_path / "v", tiny_spec, progress=False, log=lambda m: None)

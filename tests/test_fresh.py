@@ -1,4 +1,4 @@
-"""Fresh parts: the streamed BLT init equals the gathered one, the rejection-sampled truncated
+"""Fresh parts: the streamed BLT init is reproducible, the rejection-sampled truncated
 normal has torch's distribution, and the encoder's outputs come out at the source embeddings' scale."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from byteify.conversion import build_blt_config, convert
-from byteify.fresh import HASH_TABLE, fresh_parts, init_fresh_parts, patch_output_rms, trunc_normal_by_rejection_
+from byteify.fresh import HASH_TABLE, fresh_parts, patch_output_rms, trunc_normal_by_rejection_
 from byteify.presets import load_spec
 from byteify.sources import open_source
 from helpers import load_blt
@@ -30,17 +30,22 @@ def test_trunc_normal_by_rejection_matches_torch_distribution():
     assert float(tail.min()) >= 1.0 and float(tail.max()) <= 2.0
 
 
-def test_fresh_parts_stream_equals_the_gathered_state_dict(sources, tiny_spec):
-    """The streamed fresh parts (as convert writes them) and init_fresh_parts agree, in every
-    dtype, and the hash table's row blocks are distinct draws."""
+def test_fresh_parts_are_reproducible_and_draw_distinct_blocks(sources, tiny_spec):
+    """Streamed fresh parts, gathered: the same seed gives the same tensors in every dtype (bf16
+    the rounding of fp32), and the hash table's row blocks are distinct draws (an fp32 stream
+    once handed out one reused buffer)."""
     config, _ = build_blt_config(open_source(sources("mha-untied-fp32").path), tiny_spec)
-    for dtype in (torch.float32, torch.bfloat16):
-        whole = init_fresh_parts(config, 3, dtype, rows=100)
-        streamed = {n: torch.cat(list(c)).reshape(shape) for n, shape, c in fresh_parts(config, 3, dtype, rows=100)}
-        assert whole.keys() == streamed.keys()
-        assert all(torch.equal(whole[k], streamed[k]) for k in whole)
-        table = whole[HASH_TABLE]
-        assert table.dtype == dtype and not torch.equal(table[:100], table[100:200])
+
+    def gathered(seed, dtype):
+        return {n: torch.cat(list(c)).reshape(shape) for n, shape, c in fresh_parts(config, seed, dtype, rows=100)}
+
+    fp32, bf16 = gathered(3, torch.float32), gathered(3, torch.bfloat16)
+    assert fp32.keys() == bf16.keys() and HASH_TABLE in fp32
+    assert all(torch.equal(fp32[k], gathered(3, torch.float32)[k]) for k in fp32)
+    assert all(torch.equal(fp32[k].to(torch.bfloat16), bf16[k]) for k in fp32)
+    table = fp32[HASH_TABLE]
+    assert not torch.equal(table[:100], table[100:200])
+    assert not torch.equal(table, gathered(4, torch.float32)[HASH_TABLE])
 
 
 def test_encoder_output_scale_matches_source_embeddings(sources, tmp_path):
