@@ -34,136 +34,24 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .conversion import DTYPES, METADATA_FILE, AtomicDirectory, ShardWriter, check_output_path, parse_size
+from .card import model_card
 from .errors import ByteifyError
+from .modelfiles import (AtomicDirectory, SafetensorsDir, ShardWriter, check_output_path, dtype_name, parse_dtype,
+                         parse_size, write_json)
+from .resolve import METADATA_FILE, Location, locate
 from .tokenizer import TOKENIZER_FILES
-
-CARD_TAGS = ("byte-latent-transformer", "blt", "byteify", "tokenizer-free")
-_ST_NAMES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-@dataclass
-class ExportInput:
-    """What an export reads: the model directory and, for a LoRA checkpoint, the adapter."""
-
-    path: Path  # as given
-    kind: str  # "run", "checkpoint" or "model"
-    model_dir: Path
-    adapter_dir: Path | None = None
-    checkpoint_dir: Path | None = None
 
 
 @dataclass
 class ExportReport:
     out: Path
-    input: ExportInput
+    input: Location
     dtype: torch.dtype
     shards: list[str]
     lora: str  # "none", "merged" or "copied"
     merged_modules: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------
-def _is_checkpoint(p: Path) -> bool:
-    return (p / "trainer.json").exists() and (p / "model" / "config.json").exists()
-
-
-def _check_blt_model_dir(model_dir: Path, given: Path) -> None:
-    cfg_path = model_dir / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ByteifyError(f"{cfg_path}: unreadable ({exc.__class__.__name__}); {given} is not a BLT model directory") from None
-    if cfg.get("model_type") != "blt":
-        raise ByteifyError(f"{given}: not a BLT model directory (config.json model_type is {cfg.get('model_type')!r}, "
-                           f"expected 'blt')")
-    if not (model_dir / "model.safetensors").exists() and not (model_dir / "model.safetensors.index.json").exists():
-        raise ByteifyError(f"{given}: no model.safetensors or model.safetensors.index.json in {model_dir}")
-
-
-def resolve_input(path: str | Path) -> ExportInput:
-    """Classify ``path`` (run, checkpoint or model directory); one-line errors for anything else."""
-    from .checkpoints import latest_checkpoint
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ByteifyError(f"{p}: not found (expected a training run, a checkpoint or a BLT model directory)")
-    if not p.is_dir():
-        raise ByteifyError(f"{p}: not a directory (expected a training run, a checkpoint or a BLT model directory)")
-    if _is_checkpoint(p):
-        inp = ExportInput(p, "checkpoint", p / "model", checkpoint_dir=p)
-    elif (p / "checkpoints").is_dir() and not (p / "config.json").exists():
-        ck = latest_checkpoint(p)
-        if ck is None:
-            raise ByteifyError(f"{p}: a training run with no finished checkpoint under {p / 'checkpoints'}")
-        inp = ExportInput(p, "run", ck / "model", checkpoint_dir=ck)
-    elif (p / "config.json").exists():
-        inp = ExportInput(p, "model", p)
-        if p.name == "model" and _is_checkpoint(p.parent):  # a checkpoint's model/: keep its adapter
-            inp.checkpoint_dir = p.parent
-    else:
-        raise ByteifyError(f"{p}: not a BLT model directory (no config.json), a checkpoint (no trainer.json) "
-                           f"or a training run (no checkpoints/)")
-    if inp.checkpoint_dir is not None and (inp.checkpoint_dir / "adapter" / "adapter_config.json").exists():
-        inp.adapter_dir = inp.checkpoint_dir / "adapter"
-    _check_blt_model_dir(inp.model_dir, p)
-    return inp
-
-
-# ------------------------------------------------------------------------------------------
-class _Weights:
-    """The safetensors tensors of a directory (single file or sharded), read one at a time."""
-
-    def __init__(self, model_dir: Path, prefix: str = "model"):
-        from safetensors import safe_open
-
-        index = model_dir / f"{prefix}.safetensors.index.json"
-        if index.exists():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ByteifyError(f"{index}: invalid index ({exc})") from None
-        else:
-            single = model_dir / f"{prefix}.safetensors"
-            try:
-                with safe_open(str(single), framework="pt") as f:
-                    wm = {k: single.name for k in f.keys()}
-            except Exception as exc:
-                raise ByteifyError(f"{single}: unreadable safetensors file: {str(exc).splitlines()[0]}") from None
-        self.dir, self.weight_map = model_dir, wm
-        self._handles: dict = {}
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def dtype_of(self, name: str) -> str:
-        return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
-
-    def _handle(self, shard: str):
-        from safetensors import safe_open
-
-        if shard not in self._handles:
-            self._handles.clear()  # one shard mapped at a time
-            try:
-                self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
-            except Exception as exc:
-                raise ByteifyError(f"{self.dir / shard}: unreadable safetensors file: {str(exc).splitlines()[0]}") from None
-        return self._handles[shard]
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.weight_map[name]).get_tensor(name)
-
-
-def stored_dtype(weights: _Weights) -> torch.dtype:
-    """The dtype most of the floating weights are stored in (by count of tensors)."""
-    counts: dict[str, int] = {}
-    for k in weights.keys():
-        d = weights.dtype_of(k)
-        if d in _ST_NAMES:
-            counts[d] = counts.get(d, 0) + 1
-    return _ST_NAMES[max(counts, key=counts.get)] if counts else torch.float32
 
 
 class LoraMerger:
@@ -228,122 +116,6 @@ class LoraMerger:
 
 
 # ------------------------------------------------------------------------------------------
-def _hub_id_from_path(path: str) -> str | None:
-    m = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path)
-    return f"{m.group(1)}/{m.group(2)}" if m else None
-
-
-def _yaml_str(s: str) -> str:
-    return json.dumps(s)  # a JSON string is a valid YAML scalar
-
-
-def model_card(meta: dict, config, *, dtype: torch.dtype, lora: str, base_model: str | None = None,
-               name: str | None = None) -> str:
-    """The README.md of an exported model, from byteify.json (``meta``) and the BLT config."""
-    src = meta.get("source") or {}
-    src_path = src.get("path")
-    base = base_model or (_hub_id_from_path(src_path) if src_path else None) or src_path
-    training = meta.get("training") or {}
-    recipe = training.get("recipe") or {}
-    stages = recipe.get("stages") or []
-    front = ["---"]
-    if base:
-        front.append(f"base_model: {_yaml_str(base)}")
-    front += ["library_name: transformers", "pipeline_tag: text-generation", "tags:"]
-    front += [f"- {t}" for t in CARD_TAGS]
-    front.append("---")
-
-    title = name or "Byte Latent Transformer"
-    lines = ["", f"# {title}", ""]
-    lines.append(f"A [Byte Latent Transformer](https://arxiv.org/abs/2412.09871) (BLT) that reads and writes raw "
-                 f"UTF-8 bytes, made with byteify {meta.get('byteify_version', __version__)} "
-                 f"from {'`' + base + '`' if base else 'a Llama-family checkpoint'}: the source's decoder layers "
-                 f"became the BLT global transformer; the local encoder, local decoder, hash n-gram embeddings and "
-                 f"entropy model are new.")
-    lines += ["", "## How it was made", ""]
-    if src:
-        lines.append(f"- **Source**: `{src_path}` ({src.get('format', '?')}, {src.get('architecture', '?')}, "
-                     f"{src.get('dtype', '?')}{', tied embeddings' if src.get('tied_embeddings') else ''})")
-    g = config.global_config
-    lines.append(f"- **Global transformer** (transplanted): {g.num_hidden_layers} layers, hidden {g.hidden_size}, "
-                 f"{g.num_attention_heads} heads / {getattr(g, 'num_key_value_heads', g.num_attention_heads)} KV heads")
-    e, d, p = config.encoder_config, config.decoder_config, config.patcher_config
-    lines.append(f"- **New parts**: local encoder {e.num_hidden_layers} layer(s) x {e.hidden_size}, local decoder "
-                 f"{d.num_hidden_layers} layer(s) x {d.hidden_size}, hash n-grams {list(config.encoder_hash_byte_group_size)} "
-                 f"x {config.encoder_hash_byte_group_vocab}, entropy model {p.num_hidden_layers} layer(s) x {p.hidden_size}")
-    if "seed" in meta:
-        lines.append(f"- **Conversion seed**: {meta['seed']}")
-    ver = meta.get("verification")
-    if isinstance(ver, dict) and ver:
-        rel = ver.get("max_rel")
-        lines.append(f"- **Transplant verification**: "
-                     + (f"max relative difference {rel:.2e} of hidden states " if isinstance(rel, (int, float)) else "")
-                     + (f"(tolerance {ver['tolerance']:.0e}) " if isinstance(ver.get("tolerance"), (int, float)) else "")
-                     + ("-> PASS" if ver.get("passed", True) else "-> FAIL"))
-    else:
-        lines.append("- **Transplant verification**: not recorded in byteify.json (`byteify convert` verifies by "
-                     "default and refuses to write a failing transplant)")
-    if training:
-        lines.append("- **Training** (`byteify train`):")
-        for s in stages:
-            what = ", ".join(s.get("train") or []) or "-"
-            lora_s = s.get("lora")
-            lines.append(f"  - stage `{s.get('name')}`: {s.get('steps')} steps x {s.get('batch_bytes')} bytes, "
-                         f"lr {s.get('lr')}, trains {what}"
-                         + (f", LoRA r={lora_s.get('rank')} alpha={lora_s.get('alpha')} on the global transformer"
-                            if lora_s else ""))
-        data = recipe.get("data") or {}
-        if data.get("sources"):
-            lines.append(f"  - data: {', '.join(str(x.get('path')) for x in data['sources'])} "
-                         f"(seq_len {data.get('seq_len')} bytes)")
-        lines.append(f"  - steps: {training.get('global_step')}; bytes seen: {training.get('bytes_seen'):,}"
-                     if isinstance(training.get("bytes_seen"), int) else f"  - steps: {training.get('global_step')}")
-        lines.append(f"  - last stage: `{training.get('stage')}`")
-        bpb = training.get("last_val_bpb")
-        lines.append(f"  - final validation bits per byte: {bpb:.4f}" if isinstance(bpb, (int, float))
-                     else "  - final validation bits per byte: not measured")
-    else:
-        lines.append("- **Training**: none: the new parts are at their initialization, so the model does not "
-                     "predict text well yet (train it with `byteify train`)")
-    lines.append(f"- **Export**: {str(dtype).removeprefix('torch.')}, "
-                 + {"merged": "LoRA adapter merged into the weights", "copied":
-                    "LoRA adapter not merged (in `adapter/`, load it with peft)", "none": "no LoRA adapter"}[lora])
-    lines.append(f"- **Patching**: config `patching_mode` = {config.patching_mode!r}, threshold "
-                 f"{config.patching_threshold} (the entropy model ships in the weights)")
-    for key in ("calibration", "calibration_monotonic"):
-        cal = meta.get(key)
-        if isinstance(cal, dict) and isinstance(cal.get("threshold"), (int, float)):
-            got, want = cal.get("mean_bytes_per_patch"), cal.get("target_bytes_per_patch")
-            lines.append(f"  - `byteify calibrate`: {'monotonic ' if key.endswith('monotonic') else ''}threshold "
-                         f"{cal['threshold']:.4f} nats"
-                         + (f", {got:.2f} bytes per patch" if isinstance(got, (int, float)) else "")
-                         + (f" (target {want:.2f})" if isinstance(want, (int, float)) else ""))
-    trained = [((s.get("patching") or recipe.get("patching") or {}).get("mode"), s) for s in stages]
-    trained = [(m, s) for m, s in trained if m and m != "entropy" and s.get("train") != ["entropy_model"]]
-    if trained:
-        mode, s = trained[-1]
-        size = ((s.get("patching") or recipe.get("patching") or {}).get("patch_size"))
-        lines.append(f"  - trained with `{mode}` patching{f' (patch size {size})' if mode == 'static' else ''}; "
-                     f"stock transformers `forward`/`generate` patch "
-                     + ("with the entropy model" if config.patching_mode == "entropy" else "one byte per patch")
-                     + ", so pass `patch_lengths` to `forward` to reproduce the trained patching")
-    where = json.dumps(name or ".")
-    lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"model = AutoModelForCausalLM.from_pretrained({where})",
-              f"tokenizer = AutoTokenizer.from_pretrained({where})",
-              "ids = tokenizer(\"The if statement\", return_tensors=\"pt\").input_ids",
-              "out = model.generate(ids, max_new_tokens=64, do_sample=False)",
-              "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```"]
-    if lora == "copied":
-        lines += ["", "With the adapter:", "", "```python", "from peft import PeftModel", "",
-                  f"model = PeftModel.from_pretrained(model, {json.dumps((name or '.') + '/adapter')})", "```"]
-    lines += ["", "Tokens are bytes: id = byte + 4 (0 <boe>, 1 <s>, 2 </s>, 3 <pad>). `use_cache` is off in the "
-              "config and generation config because transformers' BLT cannot build its cache; generation recomputes "
-              "the whole sequence each step.", ""]
-    return "\n".join(front + lines)
-
-
-# ------------------------------------------------------------------------------------------
 def export(
     src: str | Path,
     out: str | Path,
@@ -357,12 +129,11 @@ def export(
 ) -> ExportReport:
     """Write the shareable model directory for ``src`` to ``out``; see the module docstring."""
     t0 = time.perf_counter()
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ByteifyError(f"--dtype '{dtype}': expected bf16, fp16 or fp32 (or auto: the input's)")
+    requested = None if dtype == "auto" else parse_dtype(dtype, allowed=("bf16", "fp16", "fp32", "auto"))
     max_bytes = parse_size(max_shard_size)
-    inp = resolve_input(src)
+    inp = locate(src)
     out = Path(out)
-    check_output_path(inp.path, out, force)
+    check_output_path(inp.given, out, force)
     if inp.checkpoint_dir is not None:
         check_output_path(inp.checkpoint_dir, out, force)
 
@@ -372,16 +143,15 @@ def export(
         config = BltConfig.from_pretrained(str(inp.model_dir))
     except Exception as exc:
         raise ByteifyError(f"{inp.model_dir / 'config.json'}: transformers cannot parse it: {str(exc).splitlines()[0]}") from None
-    weights = _Weights(inp.model_dir)
-    out_dtype = stored_dtype(weights) if dtype == "auto" else DTYPES[dtype]
+    weights = SafetensorsDir(inp.model_dir)
+    out_dtype = requested or weights.stored_dtype()
     merger = LoraMerger(inp.adapter_dir) if inp.adapter_dir is not None and merge_lora else None
     if merger is not None:
         missing = [k for k in merger.pairs if k not in weights.weight_map]
         if missing:
             raise ByteifyError(f"{inp.adapter_dir}: the adapter adapts '{missing[0]}', which the model has no weight for")
     lora = "none" if inp.adapter_dir is None else ("merged" if merge_lora else "copied")
-    meta_path = inp.model_dir / METADATA_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = inp.metadata
     report = ExportReport(out=out, input=inp, dtype=out_dtype, shards=[], lora=lora)
 
     with AtomicDirectory(out) as tmp:
@@ -396,7 +166,7 @@ def export(
         report.shards = writer.close()
         # transformers 5.24's BLT cannot build its cache: stock generate() must run cache-free.
         config.use_cache = False
-        config.dtype = str(out_dtype).removeprefix("torch.")
+        config.dtype = dtype_name(out_dtype)
         config.architectures = ["BltForCausalLM"]
         config.save_pretrained(str(tmp))
         gen = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -417,9 +187,8 @@ def export(
         meta.pop("side_files", None)  # byteify_source/ (convert's side files) is not part of an export
         meta["export"] = {"byteify_version": __version__, "from": str(Path(src).resolve()), "kind": inp.kind,
                           "checkpoint": str(inp.checkpoint_dir.resolve()) if inp.checkpoint_dir else None,
-                          "dtype": str(out_dtype).removeprefix("torch."), "lora": lora,
-                          "merged_modules": report.merged_modules}
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+                          "dtype": dtype_name(out_dtype), "lora": lora, "merged_modules": report.merged_modules}
+        write_json(tmp / METADATA_FILE, meta)
         (tmp / "README.md").write_text(model_card(meta, config, dtype=out_dtype, lora=lora, base_model=base_model,
                                                   name=out.name))
     report.seconds = time.perf_counter() - t0

@@ -9,44 +9,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ByteifyError
-
-PARTS = ("local_encoder", "hash_embeddings", "global", "local_decoder", "entropy_model")
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def part_of(name: str) -> str:
-    """Which BLT part a parameter belongs to (the unit of freezing and learning rates)."""
-    n = name
-    while n.startswith(("model.model.", "model.lm_head", "model.base_model.", "base_model.model.", "_orig_mod.")):
-        n = n.split(".", 1)[1] if not n.startswith("base_model.model.") else n.removeprefix("base_model.model.")
-    if n.startswith("model.encoder_hash_tok_embedding"):
-        return "hash_embeddings"
-    if n.startswith("model.local_encoder"):
-        return "local_encoder"
-    if n.startswith("model.global_transformer"):
-        return "global"
-    if n.startswith(("model.local_decoder", "lm_head")):
-        return "local_decoder"
-    if n.startswith("model.patcher"):
-        return "entropy_model"
-    raise KeyError(name)
+from .modelfiles import FROM_ST_CODE, numel, read_header
+from .parts import PARTS, part_of
 
 
 def read_headers(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
-    """name -> (dtype, shape) for every tensor in the directory's safetensors files."""
+    """name -> (dtype code, shape) for every tensor in the directory's safetensors files."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ByteifyError(f"{model_dir}: no *.safetensors files; expected a BLT model directory from 'byteify convert'")
-    out = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            try:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            except (ValueError, json.JSONDecodeError):
-                raise ByteifyError(f"{f}: unreadable safetensors header") from None
-        out.update({k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    return out
+    return {k: (v["dtype"], v["shape"]) for f in files for k, v in read_header(f).items()}
 
 
 @dataclass
@@ -96,18 +68,17 @@ def inspect_model(model_dir: str | Path, patch_size: float | None = None) -> Ins
             p = part_of(name)
         except KeyError:
             continue
-        n = 1
-        for d in shape:
-            n *= d
+        n = numel(shape)
         parts[p].params += n
-        parts[p].bytes += n * _BYTES.get(dtype, 4)
+        parts[p].bytes += n * (FROM_ST_CODE[dtype].itemsize if dtype in FROM_ST_CODE else 4)
         dtypes[p].add(dtype)
     for p in PARTS:
         parts[p].dtypes = tuple(sorted(dtypes[p]))
     total = sum(s.params for s in parts.values())
-    trainable = total - parts["entropy_model"].params
-    # fp32 weights + fp32 grads + two fp32 AdamW moments for everything but the frozen entropy model.
-    memory = 16 * trainable + 4 * parts["entropy_model"].params
+    from .train.plan import training_state_bytes
+
+    # everything trains but the entropy model (the recipes' end-to-end stage)
+    memory = training_state_bytes(total - parts["entropy_model"].params, parts["entropy_model"].params)
     if patch_size is None:
         meta = model_dir / "byteify.json"
         bpt = json.loads(meta.read_text()).get("source_bytes_per_token") if meta.exists() else None

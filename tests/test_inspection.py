@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from byteify.errors import ByteifyError
-from byteify.inspection import PARTS, flops_per_byte, inspect_model, part_of
-from cli import app
+from byteify.inspection import flops_per_byte, inspect_model
+from byteify.parts import PARTS, part_of
+from byteify.cli import app
 
 runner = CliRunner()
 
@@ -64,8 +65,8 @@ def test_cli_inspect_text_and_json(converted):
 
 
 def test_bf16_dtypes_and_bytes(sources, tiny_spec, tmp_path):
-    from byteify.conversion import convert
-    from byteify.sources import open_source
+    from byteify.convert.transplant import convert
+    from byteify.convert.sources import open_source
 
     out = tmp_path / "bf16"
     convert(open_source(sources("mha-untied-fp32").path), out, tiny_spec, dtype="bf16", progress=False, verify=False)

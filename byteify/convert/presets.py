@@ -1,0 +1,146 @@
+"""Sizes of the fresh BLT parts (local encoder, local decoder, hash n-gram tables, entropy model),
+scaled to the source model, plus named presets and ``key=value`` / YAML overrides.
+
+The global transformer's shape is never a choice: it is the source's.  Everything else is an
+:class:`ArchitectureSpec`, validated strictly (unknown keys name the closest valid key).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from pydantic import field_validator
+
+from ..errors import ByteifyError
+from ..patching.spec import BLT_DEFAULT_THRESHOLD, PatchingSpec
+from ..schema import Strict as _Strict
+from ..schema import apply_overrides, load_yaml_mapping, validate
+
+
+class LocalSpec(_Strict):
+    hidden_size: int | None = None  # None: global hidden / cross_attn_k
+    num_hidden_layers: int = 1
+    num_attention_heads: int | None = None  # None: hidden / 64 (or / 32)
+    intermediate_size: int | None = None  # None: 8/3 * hidden, rounded up to 32
+    rope_theta: float = 500000.0
+
+
+class EntropySpec(_Strict):
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int | None = None
+    sliding_window: int = 512
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+
+
+class HashSpec(_Strict):
+    ngram_sizes: list[int] = [3, 4, 5, 6, 7, 8]
+    vocab_size: int | None = None  # per n-gram size; None: scaled to the global transformer
+    functions: int = 1
+
+    @field_validator("ngram_sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if not v or any(n < 1 for n in v):
+            raise ValueError("ngram_sizes must be a non-empty list of positive integers")
+        return v
+
+
+class ArchitectureSpec(_Strict):
+    cross_attn_k: int | None = None  # None: 2, or 4 for global hidden >= 4096
+    local_attention_window: int | None = 512
+    max_byte_positions: int = 24576
+    encoder: LocalSpec = LocalSpec()
+    decoder: LocalSpec = LocalSpec(num_hidden_layers=0)  # 0: scaled to the source
+    entropy: EntropySpec = EntropySpec()
+    hash: HashSpec = HashSpec()
+    patching: PatchingSpec = PatchingSpec()
+    # scale the fresh encoder's outputs to the source embeddings' RMS (what the transplanted layers expect)
+    match_embedding_scale: bool = True
+
+
+PRESETS: dict[str, dict] = {
+    # Sizes follow the source (see resolve()); the default.
+    "auto": {},
+    # For tests and smoke runs: tiny everything.
+    "tiny": {
+        "encoder": {"hidden_size": 32, "num_attention_heads": 2},
+        "decoder": {"hidden_size": 32, "num_attention_heads": 2, "num_hidden_layers": 2},
+        "entropy": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
+        "hash": {"vocab_size": 512},
+        "max_byte_positions": 4096,
+    },
+    # The released BLT-1B's local sizes (3B parameters of hash tables: GPU only).
+    "blt-1b": {
+        "cross_attn_k": 2,
+        "encoder": {"hidden_size": 1024, "num_attention_heads": 16, "num_hidden_layers": 1, "intermediate_size": 2816},
+        "decoder": {"hidden_size": 1024, "num_attention_heads": 16, "num_hidden_layers": 9, "intermediate_size": 2816},
+        "entropy": {"hidden_size": 768, "num_hidden_layers": 14, "num_attention_heads": 12, "intermediate_size": 2048},
+        "hash": {"vocab_size": 500002},
+    },
+}
+
+
+def load_spec(preset: str | None = "auto", overrides: list[str] | None = None) -> ArchitectureSpec:
+    """A named preset or a YAML file, then ``key=value`` overrides, validated."""
+    preset = preset or "auto"
+    if preset in PRESETS:
+        data, where = dict(PRESETS[preset]), f"preset '{preset}'"
+    elif preset.endswith((".yaml", ".yml")):
+        p = Path(preset)
+        if not p.exists():
+            raise ByteifyError(f"{p}: preset file not found")
+        data, where = load_yaml_mapping(p), str(p)
+    else:
+        raise ByteifyError(f"--preset '{preset}': unknown; choose one of {', '.join(PRESETS)} or a .yaml file")
+    data = copy.deepcopy(data)
+    if overrides:
+        apply_overrides(data, overrides, "--set")
+        where += " with --set overrides"
+    return validate(ArchitectureSpec, data, where)
+
+
+def _round_up(x: float, m: int) -> int:
+    return int(-(-int(x) // m) * m)
+
+
+def _heads(hidden: int) -> int:
+    for hd in (64, 32, 16, 8):
+        if hidden % hd == 0:
+            return hidden // hd
+    return 1
+
+
+def resolve(spec: ArchitectureSpec, global_hidden: int, global_params: int) -> ArchitectureSpec:
+    """Fill every size left open with a value scaled to the source's global transformer."""
+    s = spec.model_copy(deep=True)
+    k = s.cross_attn_k or (4 if global_hidden >= 4096 else 2)
+    s.cross_attn_k = k
+    default_local = max(32, _round_up(global_hidden / k, 32))
+    for part, default_layers in ((s.encoder, 1), (s.decoder, 4 if global_hidden < 1024 else 6 if global_hidden < 2048 else 9)):
+        part.hidden_size = part.hidden_size or default_local
+        part.num_attention_heads = part.num_attention_heads or _heads(part.hidden_size)
+        part.intermediate_size = part.intermediate_size or _round_up(8 * part.hidden_size / 3, 32)
+        if part.num_hidden_layers <= 0:
+            part.num_hidden_layers = default_layers
+    if s.entropy.intermediate_size is None:
+        s.entropy.intermediate_size = _round_up(8 * s.entropy.hidden_size / 3, 32)
+    if s.hash.vocab_size is None:
+        # Hash tables cost memory, not FLOPs: budget about a quarter of the global parameters.
+        n_tables = len(s.hash.ngram_sizes) * s.hash.functions
+        per = 0.25 * global_params / (n_tables * s.encoder.hidden_size)
+        s.hash.vocab_size = int(min(500002, max(4096, _round_up(per, 1024))))
+    if s.patching.threshold is None:
+        s.patching.threshold = BLT_DEFAULT_THRESHOLD
+    if s.patching.monotonic:
+        raise ByteifyError("patching.monotonic: a model config can only carry the global entropy rule (stock "
+                           "transformers); calibrate a monotonic threshold with 'byteify calibrate --monotonic'")
+    for name, part in (("encoder", s.encoder), ("decoder", s.decoder), ("entropy", s.entropy)):
+        if part.hidden_size % part.num_attention_heads:
+            raise ByteifyError(
+                f"{name}.hidden_size {part.hidden_size} is not divisible by {name}.num_attention_heads {part.num_attention_heads}"
+            )
+    return s

@@ -1,0 +1,60 @@
+"""The one patching spec (a recipe's ``patching:``, a preset's ``patching:``, the ``--patching``
+options) and the one rule for each command's default patcher.
+
+**Defaults** (:func:`default_patching`): ``eval``, ``generate``, ``patch`` and training stages
+without a ``patching:`` section all patch a model the way stock transformers patches it, from the
+model's ``config.json``: entropy patching with ``patching_threshold`` (or, after
+``byteify calibrate --monotonic``, byteify's ``patching_monotonic_threshold``) and
+``max_patch_length`` when ``patch_in_forward`` and ``patching_mode: entropy``; otherwise static
+patches of the config's ``patch_size``.  A threshold that ``byteify calibrate`` never set is
+BLT's default (:data:`BLT_DEFAULT_THRESHOLD`); ``eval`` notes it.  ``generate`` needs entropy
+patching (its cache decides patches byte by byte), so it refuses a model without an entropy model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..schema import Strict
+
+MODES = ("static", "entropy", "space", "source_tokens", "byte")
+# transformers' BltConfig default patching_threshold (from the released BLT-1B), in nats; what
+# a converted model's config carries until 'byteify calibrate' sets its own.
+BLT_DEFAULT_THRESHOLD = 1.335442066192627
+
+
+class PatchingSpec(Strict):
+    mode: Literal["static", "entropy", "space", "source_tokens", "byte"] = "entropy"
+    patch_size: int = Field(4, ge=1)  # static: bytes per patch
+    threshold: float | None = None  # entropy: None = the model config's (BLT's default in a fresh conversion)
+    monotonic: bool = False  # entropy: BLT's relative rule (byteify only; stock transformers uses the global rule)
+    max_patch_length: int | None = Field(None, ge=1)
+
+
+def calibration_record(meta: dict) -> tuple[dict | None, bool]:
+    """(record, monotonic) of ``byteify calibrate`` in byteify.json, or (None, False)."""
+    for key, monotonic in (("calibration", False), ("calibration_monotonic", True)):
+        rec = meta.get(key)
+        if isinstance(rec, dict) and rec:
+            return rec, monotonic
+    return None, False
+
+
+def default_patching(config, meta: dict | None = None) -> PatchingSpec:
+    """What stock transformers does with this config (see the module docstring); a monotonic
+    calibration recorded in byteify.json selects byteify's monotonic rule."""
+    _, monotonic = calibration_record(meta or {})
+    if getattr(config, "patch_in_forward", False) and getattr(config, "patching_mode", None) == "entropy":
+        return PatchingSpec(mode="entropy", monotonic=monotonic, max_patch_length=config.max_patch_length)
+    return PatchingSpec(mode="static", patch_size=getattr(config, "patch_size", None) or 4,
+                        max_patch_length=getattr(config, "max_patch_length", None))
+
+
+def config_threshold(config, monotonic: bool = False) -> float | None:
+    """The threshold a model config carries: ``patching_threshold`` (global rule, what stock
+    transformers uses) or byteify's ``patching_monotonic_threshold`` (monotonic rule)."""
+    if monotonic:
+        return getattr(config, "patching_monotonic_threshold", None)
+    return getattr(config, "patching_threshold", None)

@@ -1,0 +1,209 @@
+"""Source-token-aligned data for distillation: documents cut into windows whose patches are the
+source tokenizer's tokens (BLT patch p = source token p), their batches with the teacher's token
+ids and the map from each label byte to the teacher position that predicts it, and the byte trie
+over the source vocabulary that turns the teacher's next-token distribution into exact next-byte
+distributions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.packing import ALIGNED_ORDER, epoch_permutation
+from ..errors import ByteifyError
+from ..tokenizer import BOE_ID, BOS_ID, IGNORE_INDEX, OFFSET, token_byte_strings
+
+
+class ByteTrie:
+    """Trie over the token byte strings, stored as tables for vectorised marginals:
+    ``node[v, d]`` = trie node after the first d bytes of token v (-1 past its end),
+    ``nxt[v, d]`` = byte d of token v (-1 past its end)."""
+
+    def __init__(self, token_bytes: list[bytes | None], max_depth: int = 32):
+        self.vocab = len(token_bytes)
+        lengths = [len(b) if b else 0 for b in token_bytes]
+        depth = min(max_depth, max(lengths))
+        node = np.full((self.vocab, depth + 1), -1, dtype=np.int64)
+        nxt = np.full((self.vocab, depth + 1), -1, dtype=np.int64)
+        children: dict[tuple[int, int], int] = {}
+        for v, b in enumerate(token_bytes):
+            if not b:
+                continue
+            cur = 0
+            node[v, 0] = 0
+            for d, byte in enumerate(b[:depth]):
+                nxt[v, d] = byte
+                cur = children.setdefault((cur, byte), len(children) + 1)
+                node[v, d + 1] = cur
+        self.node = torch.from_numpy(node)
+        self.nxt = torch.from_numpy(nxt)
+        self.depth = depth
+
+    def marginals(self, probs: torch.Tensor, token: torch.Tensor, depth: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+        """Next-byte distributions [Q, 256] for Q queries: ``probs`` [Q, V] the teacher's
+        next-token distribution, ``token`` [Q] the actual token, ``depth`` [Q] bytes of it already
+        seen.  Mass of the tokens that share those bytes and go on, grouped by their next byte."""
+        out = []
+        depth = depth.clamp(max=self.depth - 1)
+        for s in range(0, len(token), chunk):
+            t, d, p = token[s:s + chunk], depth[s:s + chunk], probs[s:s + chunk]
+            prefix_node = self.node[t, d]  # [q]
+            nodes_at = self.node[:, d].T  # [q, V]
+            nxt_at = self.nxt[:, d].T  # [q, V]
+            mask = (nodes_at == prefix_node[:, None]) & (nxt_at >= 0)
+            vals = torch.where(mask, p, torch.zeros((), dtype=p.dtype))
+            dist = torch.zeros(len(t), 256, dtype=p.dtype)
+            dist.scatter_add_(1, nxt_at.clamp(min=0), vals)
+            out.append(dist / dist.sum(1, keepdim=True).clamp(min=1e-30))
+        return torch.cat(out) if out else torch.zeros(0, 256)
+
+
+@dataclass
+class AlignedBatch:
+    input_ids: torch.Tensor  # [B, T] BLT ids (BOS + bytes, BOE padding)
+    labels: torch.Tensor  # [B, T] next byte ids, -100 where unknown/padding
+    patch_lengths: torch.Tensor  # [B, P] BOS patch, one patch per token, last + 1 (next byte)
+    teacher_ids: torch.Tensor  # [B, P] source token ids (BOS first), padded
+    next_token: torch.Tensor  # [B, P] the token after position p (-1 unknown)
+    byte_patch: torch.Tensor  # [B, T] teacher position whose prediction covers label byte t (-1 none)
+    byte_depth: torch.Tensor  # [B, T] depth of the label byte inside its token
+
+
+def tokenize_document(tokenizer, doc: bytes, token_bytes: list[bytes | None] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and the number of document bytes each covers.  Byte-level BPE tokens can split a
+    UTF-8 character; their own byte strings (``token_bytes``) then give exact lengths.  Otherwise
+    (e.g. sentencepiece's added prefix space) lengths come from the fast tokenizer's offsets."""
+    text = doc.decode("utf-8", errors="replace")
+    raw = text.encode("utf-8")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if token_bytes is not None:
+        pieces = [token_bytes[i] if i < len(token_bytes) else None for i in ids]
+        if all(p is not None for p in pieces) and b"".join(pieces) == raw:
+            return ids, [len(p) for p in pieces]
+    char_to_byte = np.zeros(len(text) + 1, dtype=np.int64)
+    np.cumsum([len(c.encode("utf-8")) for c in text], out=char_to_byte[1:])
+    out_ids, lens, pos = [], [], 0
+    for tid, (a, b) in zip(ids, enc["offset_mapping"]):
+        end = int(char_to_byte[b])
+        if end <= pos:
+            continue  # a token covering no new bytes: fold it into the previous patch
+        out_ids.append(tid)
+        lens.append(end - pos)
+        pos = end
+    if lens and pos < len(raw):
+        lens[-1] += len(raw) - pos
+    return out_ids, lens
+
+
+class AlignedWindows:
+    """Documents cut into token-aligned windows of at most ``seq_len`` bytes (plus BOS)."""
+
+    def __init__(self, docs: list[bytes], tokenizer, seq_len: int):
+        self.seq_len = seq_len
+        self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.bos
+        self.windows = []  # (bytes, token ids, token lengths, next token id or -1, next byte or -1)
+        table = token_byte_strings(tokenizer)
+        for doc in docs:
+            text_bytes = doc.decode("utf-8", errors="replace").encode("utf-8")
+            ids, lens = tokenize_document(tokenizer, doc, table)
+            i, pos = 0, 0
+            while i < len(ids):
+                j, n = i, 0
+                while j < len(ids) and n + lens[j] <= seq_len - 1:
+                    n += lens[j]
+                    j += 1
+                if j == i:  # a single token longer than the window: skip it
+                    pos += lens[i]
+                    i += 1
+                    continue
+                nxt_tok = ids[j] if j < len(ids) else -1
+                nxt_byte = text_bytes[pos + n] if pos + n < len(text_bytes) else -1
+                self.windows.append((text_bytes[pos:pos + n], ids[i:j], lens[i:j], nxt_tok, nxt_byte))
+                pos += n
+                i = j
+
+    def __len__(self):
+        return len(self.windows)
+
+    def batch(self, indices) -> AlignedBatch:
+        rows = [self.windows[i] for i in indices]
+        B, T = len(rows), self.seq_len
+        P = max(len(r[1]) for r in rows) + 1
+        input_ids = torch.full((B, T), BOE_ID, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        lengths = torch.zeros((B, P), dtype=torch.long)
+        teacher_ids = torch.full((B, P), self.pad, dtype=torch.long)
+        next_token = torch.full((B, P), -1, dtype=torch.long)
+        byte_patch = torch.full((B, T), -1, dtype=torch.long)
+        byte_depth = torch.zeros((B, T), dtype=torch.long)
+        for b, (data, ids, lens, nxt_tok, nxt_byte) in enumerate(rows):
+            n = len(data)
+            seq = [BOS_ID] + [x + OFFSET for x in data]
+            input_ids[b, : n + 1] = torch.tensor(seq)
+            labels[b, :n] = torch.tensor(seq[1:])
+            if nxt_byte >= 0:
+                labels[b, n] = nxt_byte + OFFSET
+            lengths[b, : len(ids) + 1] = torch.tensor([1] + list(lens))
+            lengths[b, len(ids)] += 1  # BLT's include-next-byte convention
+            teacher_ids[b, 0] = self.bos
+            teacher_ids[b, 1: len(ids) + 1] = torch.tensor(ids)
+            next_token[b, : len(ids)] = torch.tensor(ids)
+            next_token[b, len(ids)] = nxt_tok
+            # label byte at input position t is byte t+1 of the sequence: token q's byte (t+1 - start_q)
+            pos = 1
+            for q, ln in enumerate(lens, start=1):
+                for d in range(ln):
+                    byte_patch[b, pos - 1 + d] = q - 1
+                    byte_depth[b, pos - 1 + d] = d
+                pos += ln
+            if nxt_byte >= 0 and nxt_tok >= 0:
+                byte_patch[b, n] = len(ids)
+                byte_depth[b, n] = 0
+        return AlignedBatch(input_ids, labels, lengths, teacher_ids, next_token, byte_patch, byte_depth)
+
+
+
+
+class AlignedBatches:
+    """Deterministic, resumable order over token-aligned windows: a seed-derived permutation per
+    epoch; the position is (epoch, index), checked against the windows and seed on load."""
+
+    def __init__(self, windows: AlignedWindows, batch_size: int, seed: int):
+        if len(windows) < batch_size:
+            raise ByteifyError(f"distillation: {len(windows)} token-aligned windows, fewer than one batch of {batch_size}")
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return epoch_permutation(self.seed, ALIGNED_ORDER, epoch, len(self.windows))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> AlignedBatch:
+        order, picked = self._order(self.epoch), []
+        while len(picked) < self.batch_size:
+            if self.index >= len(order):
+                self.epoch, self.index = self.epoch + 1, 0
+                order = self._order(self.epoch)
+            picked.append(int(order[self.index]))
+            self.index += 1
+        return self.windows.batch(picked)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "windows": len(self.windows)}
+
+    def load_state_dict(self, st: dict) -> None:
+        here = self.state_dict()
+        for key in ("seed", "windows"):
+            if st.get(key) != here[key]:
+                raise ByteifyError(f"distillation: cannot resume: the saved position is for {key} {st.get(key)}, "
+                                   f"this run has {here[key]}")
+        if not 0 <= int(st["index"]) <= len(self.windows) or int(st["epoch"]) < 0:
+            raise ByteifyError(f"distillation: cannot resume: position (epoch {st['epoch']}, index {st['index']}) "
+                               f"is out of range")
+        self.epoch, self.index = int(st["epoch"]), int(st["index"])

@@ -1,0 +1,192 @@
+"""Source-aligned distillation (the first stage of byte-ifying, as in Bolmo): patches at the
+source tokenizer's token boundaries, the source model as teacher, the global transformer frozen,
+and its two halves trained apart:
+
+* decoder half: the local decoder reads the teacher's final (pre-norm) hidden state of patch j in
+  place of the global output and predicts the bytes of patch j+1, with byte cross-entropy plus
+  a dense term: the teacher's next-token distribution marginalised byte by byte over the tokens
+  whose bytes extend the current prefix (a byte trie over the source vocabulary), i.e. an exact
+  teacher distribution for every byte of the next token;
+* encoder half: the local encoder's patch outputs, passed through the first k frozen global
+  layers, match the teacher's hidden states after layer k (squared error relative to the
+  teacher state's norm).
+
+BLT patch p holds source token p (patch 0 = BOS = the teacher's BOS position), so global state p
+and teacher position p describe the same prefix.  The objective of a step is
+:func:`distill_objective`; its data are :mod:`byteify.train.aligned`'s windows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ByteifyError
+from ..tokenizer import IGNORE_INDEX, OFFSET, token_byte_strings
+from .aligned import AlignedBatch, AlignedBatches, AlignedWindows, ByteTrie
+from .model import blt_forward, summed_nll
+from .stages import LN2, StageContext, StepResult, validate_bytes
+
+
+def teacher_states(teacher, teacher_ids: torch.Tensor, k: int):
+    """Teacher forward: (hidden after layer k, final pre-norm hidden, next-token logits)."""
+    captured = {}
+    hooks = []
+    if k > 0:
+        hooks.append(teacher.model.layers[k - 1].register_forward_hook(
+            lambda mod, args, out: captured.__setitem__("k", out[0] if isinstance(out, tuple) else out)))
+    hooks.append(teacher.model.layers[-1].register_forward_hook(
+        lambda mod, args, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out)))
+    try:
+        with torch.no_grad():
+            logits = teacher(teacher_ids, use_cache=False).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured.get("k"), captured["last"], logits
+
+
+def dense_targets(trie: ByteTrie, logits: torch.Tensor, batch: AlignedBatch, temperature: float):
+    """(flat byte positions, teacher next-byte distributions [Q, 256]) for every label byte that
+    has a teacher prediction."""
+    b_idx, t_idx = torch.nonzero(batch.byte_patch >= 0, as_tuple=True)
+    p_idx = batch.byte_patch[b_idx, t_idx]
+    token = batch.next_token[b_idx, p_idx]
+    keep = token >= 0
+    b_idx, t_idx, p_idx, token = b_idx[keep], t_idx[keep], p_idx[keep], token[keep]
+    probs = (logits[b_idx, p_idx].float() / temperature).softmax(-1)
+    dist = trie.marginals(probs, token, batch.byte_depth[b_idx, t_idx])
+    return b_idx, t_idx, dist
+
+
+def byte_kl(student_logits: torch.Tensor, b_idx, t_idx, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over queries of KL(teacher || student) on the 256 byte ids, at temperature T
+    (scaled by T^2 as usual)."""
+    s = student_logits[b_idx, t_idx, OFFSET:OFFSET + 256].float() / temperature
+    logq = F.log_softmax(s, dim=-1)
+    kl = (target * (target.clamp(min=1e-30).log() - logq)).sum(-1)
+    return kl.sum() * temperature**2
+
+
+def encoder_half(blt, patch_embeds: torch.Tensor, k: int) -> torch.Tensor:
+    """The encoder's patch outputs through the first ``k`` (frozen) global layers."""
+    from transformers.masking_utils import create_causal_mask
+
+    gt = blt.model.global_transformer
+    h = gt.token_embedding_projection(patch_embeds)
+    pos = torch.arange(h.shape[1], device=h.device)[None]
+    pe = gt.rotary_emb(h, pos)
+    mask = create_causal_mask(config=blt.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=None)
+    for layer in gt.layers[:k]:
+        h = layer(h, position_embeddings=pe, attention_mask=mask)
+    return h
+
+
+def distill_losses(blt, batch: AlignedBatch, teacher_k, teacher_last, teacher_logits, trie: ByteTrie, spec) -> dict:
+    """Summed terms of one batch: byte cross-entropy (``ce``) and dense KL (``kl``) of the decoder
+    half, relative squared error of the encoder half (``enc``), and the counts that normalise them
+    (``n_bytes``, ``n_patches``)."""
+    captured = {}
+
+    def teacher_global(patch_embeds):  # the decoder half reads the teacher's states
+        captured["patch_embeds"] = patch_embeds
+        return teacher_last.to(patch_embeds.dtype)
+
+    logits = blt_forward(blt, batch.input_ids, batch.patch_lengths, global_fn=teacher_global)
+    zero = logits.new_zeros((), dtype=torch.float32)
+    out = {"ce": summed_nll(logits, batch.labels), "kl": zero, "enc": zero}
+    if spec.decoder and spec.kl_weight > 0:
+        b_idx, t_idx, target = dense_targets(trie, teacher_logits, batch, spec.temperature)
+        out["kl"] = byte_kl(logits, b_idx, t_idx, target, spec.temperature)
+    valid = batch.patch_lengths > 0
+    if spec.encoder:
+        # squared error relative to the teacher state's norm: Llama-family models put activations
+        # ~10x larger on the first position (an attention sink), which plain MSE would be all about
+        h, t = encoder_half(blt, captured["patch_embeds"], spec.encoder_layers).float(), teacher_k.float()
+        err = (h - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-6)
+        out["enc"] = (err * valid).sum()
+    out["n_bytes"] = int((batch.labels != IGNORE_INDEX).sum())
+    out["n_patches"] = int(valid.sum())
+    return out
+
+
+def distill_objective(out: dict, spec, n_bytes: int, n_patches: int) -> torch.Tensor:
+    """What a distillation step minimises: (ce + kl_weight * kl) per byte for the decoder half,
+    plus encoder_weight * enc per patch for the encoder half; ``n_bytes`` / ``n_patches`` count
+    the whole step (all micro-batches), so accumulated micro-steps sum to the step's objective."""
+    loss = spec.encoder_weight * out["enc"] / max(n_patches, 1)
+    if spec.decoder:
+        loss = loss + (out["ce"] + spec.kl_weight * out["kl"]) / max(n_bytes, 1)
+    return loss
+
+
+class DistillStage:
+    """The runner of a distillation stage (see :mod:`byteify.train.stages`)."""
+
+    def __init__(self, ctx: StageContext):
+        from .teacher import load_teacher
+
+        if ctx.dist.sharded:
+            raise ByteifyError(f"stage '{ctx.stage.name}': distillation stages run in a single process")
+        self.ctx, self.spec = ctx, ctx.stage.distill
+        shared = ctx.shared.get("distill")
+        if shared is None:  # built once per run, reused by later distillation stages
+            from ..resolve import load_source_tokenizer
+
+            from ..data.packing import split_sources
+
+            tok = load_source_tokenizer(ctx.location)
+            data = ctx.recipe.data
+            train_docs, val_docs = split_sources(data.sources, data.val_fraction, ctx.recipe.seed)
+            seq_len = ctx.recipe.data.seq_len
+            shared = ctx.shared["distill"] = {
+                "teacher": load_teacher(ctx.location).to(ctx.dist.device), "trie": ByteTrie(token_byte_strings(tok)),
+                "train": AlignedWindows(train_docs, tok, seq_len), "val": AlignedWindows(val_docs, tok, seq_len)}
+        self.teacher, self.trie, self.val_windows = shared["teacher"], shared["trie"], shared["val"]
+        self.stream = AlignedBatches(shared["train"], ctx.micro_batch, ctx.seed)
+
+    def _to(self, b: AlignedBatch) -> AlignedBatch:
+        return AlignedBatch(*(self.ctx.to_device(getattr(b, f)) for f in AlignedBatch.__dataclass_fields__))
+
+    def _losses(self, b: AlignedBatch) -> dict:
+        k = self.spec.encoder_layers if self.spec.encoder else 0
+        hk, hl, logits = teacher_states(self.teacher, b.teacher_ids, k)
+        with self.ctx.autocast():
+            return self.ctx.module(b.input_ids, b.labels,
+                                   distill=lambda blt: distill_losses(blt, b, hk, hl, logits, self.trie, self.spec))
+
+    def step(self) -> StepResult:
+        micro = [self._to(next(self.stream)) for _ in range(self.ctx.stage.grad_accum)]
+        n_bytes = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
+        n_patches = sum(int((b.patch_lengths > 0).sum()) for b in micro)
+        loss = ce = kl = enc = 0.0
+        for b in micro:
+            out = self._losses(b)
+            objective = distill_objective(out, self.spec, n_bytes, n_patches)
+            objective.backward()
+            loss += float(objective.detach())
+            ce, kl, enc = ce + float(out["ce"].detach()), kl + float(out["kl"].detach()), enc + float(out["enc"].detach())
+        extras = {"distill_ce": ce / max(n_bytes, 1), "distill_kl": kl / max(n_bytes, 1),
+                  "encoder_rel_err": enc / max(n_patches, 1)}
+        step_bytes = sum(int((b.input_ids >= OFFSET).sum()) for b in micro)
+        return StepResult(loss, step_bytes, extras, bpb=ce / max(n_bytes, 1) / LN2)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.ctx.module.eval()
+        ce = n = enc = n_p = 0.0
+        per = self.ctx.micro_batch
+        idx = list(range(len(self.val_windows)))[: self.ctx.recipe.run.eval_batches * per]
+        for s in range(0, len(idx), per):
+            out = self._losses(self._to(self.val_windows.batch(idx[s:s + per])))
+            ce, n = ce + float(out["ce"]), n + out["n_bytes"]
+            enc, n_p = enc + float(out["enc"]), n_p + out["n_patches"]
+        self.ctx.module.train()
+        res = {"val_distill_bpb": ce / max(n, 1) / math.log(2)}
+        if self.spec.encoder:
+            res["val_encoder_rel_err"] = enc / max(n_p, 1)
+        if self.ctx.patcher is not None:
+            res["val_bpb"] = validate_bytes(self.ctx)
+        return res

@@ -1,0 +1,93 @@
+"""Processes: the distributed context of a run under ``torchrun`` (NCCL on CUDA, gloo on CPU),
+reductions the loop needs (sums, a stop flag every rank agrees on) and FSDP2 sharding of the
+training module (one unit per transformer layer, the hash embeddings and the entropy model in
+units of their own, a mixed-precision policy on CUDA)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ByteifyError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    def all_sum(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (a stop signal seen by one rank)."""
+        return self.all_sum(float(flag))[0] > 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def device_for(pref: str) -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(pref)
+    except RuntimeError:
+        raise ByteifyError(f"run.device '{pref}': expected auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ByteifyError(f"run.device '{pref}': CUDA is not available")
+    return dev
+
+
+def setup_distributed(device_pref: str) -> Dist:
+    """The process group and device mesh when ``WORLD_SIZE`` > 1 (torchrun), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=device_for(device_pref))
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_for(device_pref).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(local)
+        dev, backend = torch.device("cuda", local), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank=rank, world=world, local_rank=local, device=dev, mesh=init_device_mesh(dev.type, (world,)))
+
+
+def shard(module, dist: Dist):
+    """FSDP2 ``fully_shard`` of the training module: each transformer layer of every stack is a
+    unit, so only one layer's full parameters are gathered at a time."""
+    from torch.distributed.fsdp import fully_shard
+
+    blt = module.blt
+    layers = list(blt.model.global_transformer.layers) + list(blt.model.local_encoder.layers)
+    layers += list(blt.model.local_decoder.layers)
+    if blt.model.patcher is not None:
+        layers.append(blt.model.patcher)
+    for layer in layers:
+        fully_shard(layer, mesh=dist.mesh)
+    fully_shard(module, mesh=dist.mesh)
+    return module

@@ -1,0 +1,63 @@
+"""``byteify train --dry-run``: the plan of a recipe, stage by stage, from the model built on the
+meta device (nothing is loaded, no data is read), and the one training-memory estimate byteify
+prints (also used by ``byteify inspect``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import ByteifyError
+from ..parts import PARTS
+from ..resolve import locate
+from .model import apply_stage, param_counts
+from .recipe import Recipe, parts_for
+
+
+def training_state_bytes(trainable: int, frozen: int, world: int = 1) -> int:
+    """Bytes of training state per process: fp32 master weights of every parameter, fp32
+    gradients and two fp32 AdamW moments of the trainable ones, sharded over ``world``
+    processes (FSDP2).  Activations come on top."""
+    return (4 * (trainable + frozen) + 12 * trainable) // world
+
+
+def plan(recipe: Recipe) -> str:
+    from transformers import AutoConfig, BltForCausalLM
+
+    loc = locate(recipe.model)
+    config = AutoConfig.from_pretrained(str(loc.model_dir))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    lines = [f"model: {recipe.model}", f"output_dir: {recipe.output_dir}",
+             f"data: {', '.join(s.path for s in recipe.data.sources)}; seq_len {recipe.data.seq_len} bytes"]
+    for stage in recipe.stages:
+        with torch.device("meta"):
+            model = apply_stage(BltForCausalLM(config), stage)
+        counts = param_counts(model)
+        trainable = sum(c["trainable"] for c in counts.values())
+        frozen = sum(c["frozen"] for c in counts.values())
+        seqs = stage.batch_bytes // recipe.data.seq_len
+        if (seqs // stage.grad_accum) % world:
+            raise ByteifyError(f"stage '{stage.name}': {seqs // stage.grad_accum} sequences per micro-step do not split "
+                               f"over {world} processes")
+        p = recipe.stage_patching(stage)
+        lines.append(f"\nstage '{stage.name}': {stage.steps} steps x {stage.batch_bytes:,} bytes/step "
+                     f"= {stage.steps * stage.batch_bytes:,} bytes; micro-batch {seqs // stage.grad_accum} seq x "
+                     f"{stage.grad_accum} accum; lr {stage.lr:g} ({stage.schedule}, warmup {stage.warmup_steps}); "
+                     f"patching {p.mode if p else 'the model default'}" + (f"; LoRA r={stage.lora.rank}" if stage.lora else ""))
+        lines.append(f"  {'part':<16}{'trainable':>14}{'frozen':>14}{'lr':>11}")
+        mults = parts_for(stage)
+        for part in PARTS:
+            c = counts[part]
+            lr = f"{stage.lr * mults[part]:.2e}" if part in mults else "-"
+            lines.append(f"  {part:<16}{c['trainable']:>14,}{c['frozen']:>14,}{lr:>11}")
+        mem = training_state_bytes(trainable, frozen, world)
+        lines.append(f"  memory estimate: {mem / 2**30:.2f} GiB per process (fp32 weights + grads + AdamW states of "
+                     f"trainable parameters{', sharded over ' + str(world) + ' processes' if world > 1 else ''}) "
+                     f"+ activations")
+    if recipe.calibration is not None:
+        c = recipe.calibration
+        target = f"{c.target_bytes_per_patch} bytes per patch" if c.target_bytes_per_patch else "the source tokenizer's bytes per token"
+        lines.append(f"\nthen: calibrate the {'monotonic' if c.monotonic else 'global'} entropy threshold on up to "
+                     f"{c.max_bytes:,} held-out bytes to {target}; written to the last checkpoint's model/config.json")
+    return "\n".join(lines)

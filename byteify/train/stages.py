@@ -1,0 +1,123 @@
+"""Stage runners: what one optimizer step and one validation mean for a kind of stage.  The
+trainer builds a :class:`StageContext` (the model, the stage, the data, the patcher, the
+processes) and hands it to a runner; runners never reach into the trainer.
+
+* :class:`ByteStage`: plain and LoRA stages: byte cross-entropy of the BLT on packed byte
+  sequences (and/or the entropy model's, when it trains), gradient accumulation over micro-steps.
+* ``DistillStage`` (in :mod:`byteify.train.distill`): source-aligned distillation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from ..tokenizer import IGNORE_INDEX
+from .distributed import Dist
+from .recipe import Recipe, StageSpec
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class StepResult:
+    loss: float  # nats per predicted byte (the quantity the progress bar shows as bpb / ln 2)
+    bytes: int  # bytes this optimizer step consumed (over all processes)
+    extras: dict = field(default_factory=dict)  # more metrics for metrics.jsonl
+    bpb: float | None = None  # bits per byte to show, when ``loss`` is not byte cross-entropy
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    stage: StageSpec
+    index: int
+    module: torch.nn.Module  # the TrainModule (FSDP-sharded when dist.world > 1)
+    dist: Dist
+    location: object  # byteify.resolve.Location of the model the run started from
+    train: object  # training dataset
+    val: object  # validation dataset
+    patcher: object  # patch lengths for the BLT loss (None in an entropy-model-only stage)
+    micro_batch: int  # sequences per micro-step over all processes (each takes micro_batch / world)
+    shared: dict = field(default_factory=dict)  # lives across stages (a teacher, a trie ...)
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @property
+    def entropy_only(self) -> bool:
+        return self.stage.train == ["entropy_model"]
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed + self.index
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dist.device)
+
+
+class StageRunner(Protocol):
+    stream: object  # resumable: state_dict() / load_state_dict()
+
+    def step(self) -> StepResult: ...
+
+    def validate(self) -> dict: ...
+
+
+class ByteStage:
+    """Plain and LoRA stages."""
+
+    def __init__(self, ctx: StageContext):
+        from ..data.packing import ByteBatches
+
+        self.ctx = ctx
+        self.stream = ByteBatches(ctx.train, ctx.micro_batch, seed=ctx.seed, rank=ctx.dist.rank,
+                                  world_size=ctx.dist.world)
+
+    def step(self) -> StepResult:
+        ctx = self.ctx
+        micro = [next(self.stream) for _ in range(ctx.stage.grad_accum)]
+        (count,) = ctx.dist.all_sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
+        scale = ctx.dist.world / max(count, 1)  # FSDP averages gradients over processes
+        blt_nats = ent_nats = 0.0
+        for b in micro:
+            blt, ent, _ = byte_losses(ctx, b)
+            ((blt + ent) * scale).backward()
+            blt_nats, ent_nats = blt_nats + float(blt.detach()), ent_nats + float(ent.detach())
+        blt_nats, ent_nats = ctx.dist.all_sum(blt_nats, ent_nats)
+        extras = {}
+        if "entropy_model" in ctx.stage.train and not ctx.entropy_only:
+            extras["entropy_bpb"] = ent_nats / max(count, 1) / LN2
+        loss = (ent_nats if ctx.entropy_only else blt_nats) / max(count, 1)
+        return StepResult(loss, ctx.stage.batch_bytes, extras)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        return {"val_bpb": validate_bytes(self.ctx)}
+
+
+def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None):
+    """(BLT nats, entropy-model nats, labels) of a batch of packed byte sequences."""
+    ids, labels = ctx.to_device(batch["input_ids"]), ctx.to_device(batch["labels"])
+    if entropy_loss is None:
+        entropy_loss = "entropy_model" in ctx.stage.train
+    with ctx.autocast():
+        blt, ent = ctx.module(ids, labels, patcher=None if ctx.entropy_only else ctx.patcher, entropy_loss=entropy_loss)
+    return blt, ent, labels
+
+
+@torch.no_grad()
+def validate_bytes(ctx: StageContext) -> float:
+    """Bits per byte on the held-out split (the entropy model's when only it trains)."""
+    ctx.module.eval()
+    nats = count = 0.0
+    for batch in ctx.val.val_batches(ctx.micro_batch, ctx.recipe.run.eval_batches,
+                                     rank=ctx.dist.rank, world_size=ctx.dist.world):
+        blt, ent, labels = byte_losses(ctx, batch, entropy_loss=ctx.entropy_only)
+        nats += float(ent if ctx.entropy_only else blt)
+        count += float((labels != IGNORE_INDEX).sum())
+    ctx.module.train()
+    nats, count = ctx.dist.all_sum(nats, count)
+    return nats / max(count, 1) / LN2

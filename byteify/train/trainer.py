@@ -1,0 +1,348 @@
+"""The training engine behind ``byteify train``, to be read top to bottom:
+
+1. **setup**: processes, run directory, the resume point, the data, the model;
+2. **stages** in order, each from the previous stage's weights: the stage's model (freezing,
+   LoRA, FSDP2), optimizer, schedule and runner (:mod:`byteify.train.stages`), restored when
+   resuming inside it; then **the loop**: step, clip, optimizer, schedule, NaN check, validation,
+   logging, checkpoints, stop on a signal or ``run.stop_after``;
+3. **finish**: the entropy threshold's calibration (entropy-model recipes) and the summary.
+
+Checkpoints and their format live in :mod:`byteify.train.checkpoints`, processes and sharding
+in :mod:`byteify.train.distributed`, the model a stage trains in :mod:`byteify.train.model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ByteifyError
+from ..parts import PARTS
+from ..patching.patchers import build_patcher
+from ..patching.spec import default_patching
+from ..resolve import Location, locate
+from . import checkpoints as ckpt
+from .distributed import Dist, setup_distributed, shard
+from .model import TrainModule, apply_stage, end_stage, load_model, param_counts
+from .optim import build_optimizer, build_scheduler, lr_lambda
+from .recipe import Recipe, StageSpec
+from .stages import LN2, ByteStage, StageContext, StepResult
+
+TRAINING_META = "training"  # byteify.json key of a checkpoint's model directory
+
+
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM: a checkpoint was saved; the CLI exits with 130."""
+
+    def __init__(self, checkpoint: Path | None, by_signal: bool = True):
+        super().__init__(f"interrupted; checkpoint saved at {checkpoint}")
+        self.checkpoint, self.by_signal = checkpoint, by_signal
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, raw: dict, resume: str | None = None, log=print):
+        self.recipe, self.raw, self.log = recipe, raw, log
+        self.run_dir = Path(recipe.output_dir)
+        self.resume_from = ckpt.resolve_resume(resume, self.run_dir)
+        self.stop_signal = None
+        self.shared: dict = {}  # what stages share (a teacher, ...)
+
+    # ---- 1. setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        r = self.recipe
+        if r.run.threads:
+            torch.set_num_threads(r.run.threads)
+        self.dist: Dist = setup_distributed(r.run.device)
+        self.state = {"global_step": 0, "stage_index": 0, "stage_step": 0, "bytes_seen": 0, "stage_name": r.stages[0].name}
+        self.resume_state = None
+        start = r.model
+        if self.resume_from is not None:
+            self.state = ckpt.read_trainer_state(self.resume_from)
+            self.resume_state = ckpt.load_resume_state(self.resume_from)
+            start = self.state.get("base_model_dir", r.model)
+            if self.dist.main:
+                self.log(f"resuming from {self.resume_from} (stage '{self.state['stage_name']}', "
+                         f"step {self.state['global_step']})")
+        self.location: Location = locate(start)  # a model dir, checkpoint or run: the weights the run started from
+        self.state["base_model_dir"] = str(self.location.model_dir)
+        if self.dist.main:
+            import yaml
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.raw, sort_keys=False))
+        torch.manual_seed(r.seed)
+        from ..data.packing import build_datasets
+
+        self.train_data, self.val_data = build_datasets(r.data.sources, r.data.seq_len, r.data.val_fraction, r.seed)
+        weights = self.resume_from / "model" if self.resume_from is not None else self.location.model_dir
+        self.model = load_model(weights, self.dist.device)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.writer = self._tensorboard()
+        self.t_start = time.perf_counter()
+        self.last_checkpoint = self.resume_from
+
+    def run(self) -> dict:
+        self.setup()
+        stopped_early = False
+        try:
+            with self._signals():
+                for index in range(self.state["stage_index"], len(self.recipe.stages)):
+                    self.run_stage(index)
+        except Interrupted as exc:
+            if exc.by_signal:
+                raise
+            stopped_early, self.last_checkpoint = True, exc.checkpoint
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return self.finish(stopped_early)
+
+    # ---- 2. a stage -------------------------------------------------------------------------
+    def run_stage(self, index: int) -> None:
+        stage = self.recipe.stages[index]
+        resuming = self.resume_state is not None and index == self.state["stage_index"]
+        ctx = self.stage_context(index, resuming)
+        optimizer = build_optimizer(ctx.module, stage)
+        scheduler = build_scheduler(optimizer, stage)
+        runner = self.runner(ctx)
+        if resuming:
+            self._load_optimizer(ctx.module, optimizer, self.resume_state["optimizer"])
+            scheduler.load_state_dict(self.resume_state["scheduler"])
+            runner.stream.load_state_dict(self.resume_state["data"])
+            ckpt.set_rng_state(self.resume_state["rng"], self.dist.device)
+        else:
+            self.state.update(stage_index=index, stage_step=0, stage_name=stage.name)
+        self._log_stage(ctx)
+        self.loop(ctx, runner, optimizer, scheduler)
+        self.model = end_stage(ctx.module.model)
+        self.resume_state = None
+
+    def stage_context(self, index: int, resuming: bool) -> StageContext:
+        r, stage = self.recipe, self.recipe.stages[index]
+        adapter = self.resume_from / "adapter" if resuming and (self.resume_from / "adapter").exists() else None
+        model = apply_stage(self.model, stage, adapter)
+        if r.run.activation_checkpointing:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = TrainModule(model)
+        if self.dist.sharded:
+            module = shard(module, self.dist)
+        if r.run.compile:
+            for layer in module.blt.model.global_transformer.layers:
+                layer.compile()
+        spec = r.stage_patching(stage) or default_patching(module.blt.config, self.location.metadata)
+        patcher = None if stage.train == ["entropy_model"] else build_patcher(spec, module.blt, model_dir=self.location)
+        return StageContext(recipe=r, stage=stage, index=index, module=module, dist=self.dist, location=self.location,
+                            train=self.train_data, val=self.val_data, patcher=patcher,
+                            micro_batch=self._micro_batch(stage), shared=self.shared, autocast=self._autocast)
+
+    def runner(self, ctx: StageContext):
+        if ctx.stage.distill is not None:
+            from .distill import DistillStage
+
+            return DistillStage(ctx)
+        return ByteStage(ctx)
+
+    def _micro_batch(self, stage: StageSpec) -> int:
+        """Sequences per micro-step over all processes."""
+        per = stage.batch_bytes // self.recipe.data.seq_len // stage.grad_accum
+        if per % self.dist.world:
+            raise ByteifyError(f"stage '{stage.name}': {per} sequences per micro-step do not split over "
+                               f"{self.dist.world} processes")
+        return per
+
+    def loop(self, ctx: StageContext, runner, optimizer, scheduler) -> None:
+        """Steps until the stage ends, a signal arrives or ``run.stop_after`` is reached."""
+        r, stage, state = self.recipe, ctx.stage, self.state
+        bar = self._progress_bar(stage)
+        window = [time.perf_counter(), 0]  # start time and bytes of the current logging window
+        ctx.module.train()
+        while state["stage_step"] < stage.steps:
+            result = runner.step()
+            self._optimizer_step(ctx, optimizer, result)
+            lr = stage.lr * lr_lambda(stage)(scheduler.last_epoch)  # the base (multiplier 1) learning rate
+            scheduler.step()
+            state["global_step"] += 1
+            state["stage_step"] += 1
+            state["bytes_seen"] += result.bytes
+            window[1] += result.bytes
+            bpb = result.bpb if result.bpb is not None else result.loss / LN2
+            rec = {"step": state["global_step"], "stage": stage.name, "loss": result.loss, "bpb": bpb,
+                   "lr": lr, "bytes_seen": state["bytes_seen"], **result.extras}
+            if state["stage_step"] % r.run.eval_every == 0 or state["stage_step"] == stage.steps:
+                rec.update(runner.validate())
+                state["last_val_bpb"] = rec.get("val_bpb")
+            self._log(rec, stage, window, bar)
+            done = state["stage_step"] == stage.steps
+            stop = self.dist.any(self.stop_signal is not None)  # every rank stops at the same step
+            limit = r.run.stop_after is not None and state["global_step"] >= r.run.stop_after
+            if done or stop or limit or state["stage_step"] % r.run.save_every == 0:
+                self.last_checkpoint = self.save(ctx, optimizer, scheduler, runner)
+            if stop or (limit and not done):
+                if bar is not None:
+                    bar.close()
+                raise Interrupted(self.last_checkpoint, by_signal=stop)
+        if bar is not None:
+            bar.close()
+
+    def _optimizer_step(self, ctx: StageContext, optimizer, result: StepResult) -> None:
+        if not math.isfinite(result.loss):
+            raise ByteifyError(f"non-finite loss ({result.loss}) at step {self.state['global_step'] + 1} of stage "
+                               f"'{ctx.stage.name}'; last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}")
+        if ctx.stage.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in ctx.module.parameters() if p.requires_grad], ctx.stage.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save(self, ctx: StageContext, optimizer, scheduler, runner) -> Path | None:
+        full = self._full_state(ctx.module)
+        optim_state = self._optimizer_state(ctx.module, optimizer)
+        path = None
+        if self.dist.main:
+            state = dict(self.state)
+            with ckpt.atomic_checkpoint(self.run_dir, state["global_step"]) as tmp:
+                training = {"recipe": self.raw, "global_step": state["global_step"], "bytes_seen": state["bytes_seen"],
+                            "stage": state["stage_name"], "last_val_bpb": state.get("last_val_bpb")}
+                ckpt.write_model_dir(tmp / "model", ctx.module.blt.config, ckpt.plain_names(full),
+                                     self.location.model_dir, {TRAINING_META: training})
+                if hasattr(ctx.module.model, "peft_config"):
+                    peft_sd = {k.removeprefix("model."): v for k, v in full.items()}
+                    ctx.module.model.save_pretrained(str(tmp / "adapter"), state_dict=peft_sd)
+                torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                            "data": runner.stream.state_dict(), "rng": ckpt.rng_state(self.dist.device)}, tmp / "state.pt")
+                (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            ckpt.prune(self.run_dir, self.recipe.run.keep_last)
+            path = ckpt.latest_checkpoint(self.run_dir)
+        self.dist.barrier()
+        return path
+
+    def _full_state(self, module) -> dict[str, torch.Tensor]:
+        if not self.dist.sharded:
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _optimizer_state(self, module, optimizer):
+        if not self.dist.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer(self, module, optimizer, state) -> None:
+        if not self.dist.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    # ---- 3. finish ----------------------------------------------------------------------------
+    def finish(self, stopped_early: bool) -> dict:
+        calibration = None
+        if self.recipe.calibration is not None and self.last_checkpoint is not None and not stopped_early:
+            calibration = self._calibrate(Path(self.last_checkpoint) / "model")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if self.dist.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.dist.device) / 2**20
+        summary = {"bytes_seen": self.state["bytes_seen"], "wall_seconds": round(time.perf_counter() - self.t_start, 2),
+                   "peak_memory_mb": round(peak, 1), "steps": self.state["global_step"],
+                   "final_val_bpb": self.state.get("last_val_bpb"),
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "stopped_early": stopped_early}
+        if calibration is not None:
+            summary["calibration"] = calibration
+        self._append_metrics({"summary": summary})
+        return summary
+
+    def _calibrate(self, model_dir: Path) -> dict | None:
+        """After an entropy-model run: calibrate the threshold on the held-out split (main process;
+        the entropy model is read back from the final checkpoint) and write it into its config."""
+        from ..patching.calibration import calibrate_model_dir, limit_windows
+
+        cal = None
+        if self.dist.main:
+            spec = self.recipe.calibration
+            ids = limit_windows(torch.from_numpy(self.val_data.rows()[:, :-1].astype("int64")), spec.max_bytes)
+            result = calibrate_model_dir(model_dir, ids, target=spec.target_bytes_per_patch, monotonic=spec.monotonic,
+                                         max_patch_length=spec.max_patch_length, device=self.dist.device)
+            cal = result.to_dict()
+            self.log(f"{result.summary()}; written to {model_dir}/config.json")
+            self._append_metrics({"calibration": cal})
+        self.dist.barrier()
+        return cal
+
+    # ---- logging, signals, precision ----------------------------------------------------------
+    def _log_stage(self, ctx: StageContext) -> None:
+        if self.dist.main:
+            counts = param_counts(ctx.module)
+            trainable = sum(c["trainable"] for c in counts.values())
+            self.log(f"stage '{ctx.stage.name}': {ctx.stage.steps} steps, {ctx.stage.batch_bytes} bytes/step, "
+                     f"{trainable:,} trainable parameters ({', '.join(p for p in PARTS if counts[p]['trainable'])})")
+
+    def _log(self, rec: dict, stage: StageSpec, window: list, bar) -> None:
+        step = self.state["stage_step"]
+        if step % self.recipe.run.log_every == 0 or "val_bpb" in rec or step == stage.steps:
+            now = time.perf_counter()
+            rec["bytes_per_s"] = window[1] / max(now - window[0], 1e-9)
+            rec["elapsed_s"] = now - self.t_start
+            window[:] = [now, 0]
+            self._append_metrics(rec)
+            if self.writer is not None:
+                for k, v in rec.items():
+                    if isinstance(v, float):
+                        self.writer.add_scalar(f"{stage.name}/{k}", v, self.state["global_step"])
+        if bar is not None:
+            post = {"loss": f"{rec['loss']:.3f}", "bpb": f"{rec['bpb']:.3f}", "lr": f"{rec['lr']:.2e}"}
+            post.update({k: f"{rec[k]:.0f}" if k == "bytes_per_s" else f"{rec[k]:.3f}"
+                         for k in ("bytes_per_s", "val_bpb") if k in rec})
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+
+    def _append_metrics(self, rec: dict) -> None:
+        if self.dist.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _progress_bar(self, stage: StageSpec):
+        if not (self.dist.main and self.recipe.run.progress):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=stage.steps, initial=self.state["stage_step"], desc=stage.name, unit="step", dynamic_ncols=True)
+
+    def _tensorboard(self):
+        if not (self.recipe.run.tensorboard and self.dist.main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ByteifyError("run.tensorboard is true but the 'tensorboard' package is not installed") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    @contextlib.contextmanager
+    def _signals(self):
+        def handler(signum, frame):
+            self.stop_signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _autocast(self):
+        run = self.recipe.run
+        if run.dtype == "bf16" or (run.dtype == "auto" and self.dist.device.type == "cuda"):
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()

@@ -1,0 +1,290 @@
+"""byteify train: losses fall, freezing is bit-exact, per-part learning rates, LoRA through peft,
+exact resume, NaN handling, SIGTERM, checkpoints that load with plain transformers, and a
+2-process FSDP2 run that matches one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from byteify.errors import ByteifyError
+from byteify.parts import part_of
+from byteify.train.recipe import load_recipe
+from byteify.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(tiny_converted: Path, out: Path, *overrides: str, resume=None) -> dict:
+    recipe, raw = load_recipe("tiny-cpu", [f"model={tiny_converted}", f"output_dir={out}", "run.progress=false",
+                                           "run.log_every=1", *overrides])
+    return Trainer(recipe, raw, resume=resume, log=lambda m: None).run()
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "step" in r}
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model" / "model.safetensors"))
+
+
+def initial_weights(tiny_converted: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(tiny_converted / "model.safetensors"))
+
+
+def test_loss_falls_on_real_text(tiny_converted, tmp_path):
+    summary = run(tiny_converted, tmp_path / "r")
+    m = metrics(tmp_path / "r")
+    first, last = m[1]["loss"], m[20]["loss"]
+    assert last < first - 1.0, (first, last)  # nats per byte: ~5.6 at init
+    assert m[20]["val_bpb"] < m[10]["val_bpb"]
+    assert summary["bytes_seen"] == 20 * 1024 and summary["steps"] == 20
+    # the checkpoint is a model directory that plain transformers loads
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = Path(summary["checkpoint"])
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt / "model"))
+    tok = AutoTokenizer.from_pretrained(str(ckpt / "model"))
+    ids = torch.tensor([tok("The if statement").input_ids])
+    assert torch.isfinite(model(ids, labels=ids).loss)
+    assert (tmp_path / "r" / "recipe.yaml").exists()
+
+
+def test_frozen_parts_are_bit_exact_and_have_no_optimizer_state(tiny_converted, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_converted, out, "stages.0.train=[local_decoder]", "stages.0.steps=4", "run.save_every=4")
+    ckpt = out / "checkpoints" / "step-00000004"
+    before, after = initial_weights(tiny_converted), weights(ckpt)
+    changed = {part_of(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"local_decoder"}
+    state = torch.load(ckpt / "state.pt", weights_only=False)["optimizer"]
+    n_state = len(state["state"])
+    n_trainable = sum(1 for k in before if part_of(k) == "local_decoder")
+    assert n_state == n_trainable
+    assert {g["part"] for g in state["param_groups"]} == {"local_decoder"}
+
+
+def test_per_part_learning_rates(tiny_converted, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_converted, out, "stages.0.steps=3", "stages.0.lr_multipliers={global: 0.0, local_encoder: 0.5}",
+        "stages.0.warmup_steps=0", "stages.0.schedule=constant")
+    ckpt = out / "checkpoints" / "step-00000003"
+    state = torch.load(ckpt / "state.pt", weights_only=False)["optimizer"]
+    lrs = {g["part"]: g["lr"] for g in state["param_groups"]}
+    assert lrs["global"] == 0.0 and lrs["local_encoder"] == pytest.approx(1.5e-3) and lrs["local_decoder"] == pytest.approx(3e-3)
+    before, after = initial_weights(tiny_converted), weights(ckpt)
+    assert all(torch.equal(before[k], after[k]) for k in before if part_of(k) == "global")
+    assert any(not torch.equal(before[k], after[k]) for k in before if part_of(k) == "local_encoder")
+
+
+def test_lora_trains_only_adapters_and_merges_to_base_plus_delta(tiny_converted, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_converted, out, "stages.0.train=[]", "stages.0.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+        "stages.0.steps=3", "stages.0.lr=1e-2")
+    ckpt = out / "checkpoints" / "step-00000003"
+    before, after = initial_weights(tiny_converted), weights(ckpt)
+    assert all(torch.equal(before[k], after[k]) for k in before), "base weights must stay frozen under LoRA"
+    adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k and "global_transformer" in k for k in adapter)
+    # merged = base + B @ A * alpha / r, through peft
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(ckpt / "model"))
+    merged = PeftModel.from_pretrained(base, str(ckpt / "adapter")).merge_and_unload()
+    name = "model.global_transformer.layers.0.self_attn.q_proj"
+    a = next(v for k, v in adapter.items() if name in k and "lora_A" in k)
+    b = next(v for k, v in adapter.items() if name in k and "lora_B" in k)
+    assert b.abs().max() > 0, "adapter B must have trained away from zero"
+    expected = before[name + ".weight"] + (b @ a) * (8 / 4)
+    torch.testing.assert_close(merged.state_dict()[name + ".weight"], expected, rtol=0, atol=1e-6)
+
+
+LORA = "stages.0.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+
+
+def test_resume_inside_a_lora_stage_continues_exactly(tiny_converted, tmp_path):
+    # issue 10 bug 1: peft's from_pretrained left the stage's 'train' parts frozen, so the
+    # optimizer had fewer groups than the saved state and resuming raised
+    full, part = tmp_path / "full", tmp_path / "part"
+    stage = ("stages.0.train=[local_decoder]", LORA, "stages.0.steps=6", "run.save_every=100")
+    run(tiny_converted, full, *stage)
+    run(tiny_converted, part, *stage, "run.stop_after=3")
+    run(tiny_converted, part, *stage, resume="auto")
+    a, b = metrics(full), metrics(part)
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6
+    wa, wb = weights(full / "checkpoints" / "step-00000006"), weights(part / "checkpoints" / "step-00000006")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    aa = load_file(str(full / "checkpoints" / "step-00000006" / "adapter" / "adapter_model.safetensors"))
+    ab = load_file(str(part / "checkpoints" / "step-00000006" / "adapter" / "adapter_model.safetensors"))
+    assert aa.keys() == ab.keys() and all(torch.equal(aa[k], ab[k]) for k in aa)
+
+
+def test_global_lr_multiplier_applies_to_the_lora_adapter(tiny_converted, tmp_path):
+    # issue 10 bug 6: lr_multipliers.global was silently ignored in a LoRA stage
+    out = tmp_path / "r"
+    run(tiny_converted, out, "stages.0.train=[local_decoder]", LORA, "stages.0.steps=1", "stages.0.warmup_steps=0",
+        "stages.0.schedule=constant", "stages.0.lr_multipliers={global: 0.25}")
+    state = torch.load(out / "checkpoints" / "step-00000001" / "state.pt", weights_only=False)["optimizer"]
+    lrs = {g["part"]: g["lr"] for g in state["param_groups"]}
+    assert lrs["global"] == pytest.approx(0.25 * 3e-3) and lrs["local_decoder"] == pytest.approx(3e-3)
+
+
+def test_dry_run_of_a_lora_stage(tiny_converted, tmp_path):
+    # issue 10 bug 3: --dry-run of any recipe with a LoRA stage raised KeyError: 'global'
+    from typer.testing import CliRunner
+
+    import byteify.cli as cli
+
+    res = CliRunner().invoke(cli.app, ["train", "tiny-cpu", f"model={tiny_converted}", f"output_dir={tmp_path / 'r'}",
+                                       "stages.0.train=[]", LORA, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.strip().startswith("global"))
+    assert line.split()[-1] == f"{3e-3 * 0.1:.2e}"  # the recipe's global multiplier, on the adapter
+    assert "LoRA r=4" in res.output
+
+
+def test_resume_gives_identical_losses_and_weights(tiny_converted, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(tiny_converted, full, "stages.0.steps=8", "run.save_every=100")
+    s = run(tiny_converted, part, "stages.0.steps=8", "run.save_every=100", "run.stop_after=4")
+    assert s["stopped_early"] and s["steps"] == 4
+    run(tiny_converted, part, "stages.0.steps=8", "run.save_every=100", resume="auto")
+    a, b = metrics(full), metrics(part)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6
+    wa, wb = weights(full / "checkpoints" / "step-00000008"), weights(part / "checkpoints" / "step-00000008")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_multi_stage_continues_from_previous_stage(tiny_converted, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_converted, out, "stages=[{name: a, train: [local_decoder], steps: 2, batch_bytes: 1024}, "
+        "{name: b, train: [global], steps: 2, batch_bytes: 1024}]")
+    m = metrics(out)
+    assert [m[s]["stage"] for s in (1, 2, 3, 4)] == ["a", "a", "b", "b"]
+    before, after = initial_weights(tiny_converted), weights(out / "checkpoints" / "step-00000004")
+    changed = {part_of(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"local_decoder", "global"}
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_last_checkpoint(tiny_converted, tmp_path, monkeypatch):
+    from byteify.train import model as training
+
+    real = training.TrainModule.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        nats, ent = real(self, *a, **k)
+        calls["n"] += 1
+        return (nats * float("nan"), ent) if calls["n"] > 3 and self.training else (nats, ent)
+
+    monkeypatch.setattr(training.TrainModule, "forward", poisoned)
+    out = tmp_path / "r"
+    with pytest.raises(ByteifyError, match=r"non-finite loss .* step 4 .*step-00000002"):
+        run(tiny_converted, out, "run.save_every=2", "run.eval_every=100")
+    assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000002"]
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, env=env, **kw)
+
+
+def test_sigterm_saves_checkpoint_and_exits_130(tiny_converted, tmp_path):
+    out = tmp_path / "r"
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", "tiny-cpu", f"model={tiny_converted}",
+                             f"output_dir={out}", "stages.0.steps=100000", "run.log_every=1", "run.save_every=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpts = [p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert len(ckpts) == 1 and "--resume auto" in err
+    state = json.loads((ckpts[0] / "trainer.json").read_text())
+    assert 1 <= state["global_step"] < 100000
+
+
+def test_two_process_fsdp2_matches_one_process(tiny_converted, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["train", "tiny-cpu", f"model={tiny_converted}", "run.log_every=1", "stages.0.steps=6", "run.eval_every=3",
+            "run.progress=false"]
+    run(tiny_converted, one, "stages.0.steps=6", "run.eval_every=3")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "cli.py"),
+                           *args, f"output_dir={two}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = metrics(one), metrics(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-4, (s, a[s]["loss"], b[s]["loss"])
+        if "val_bpb" in a[s]:
+            assert abs(a[s]["val_bpb"] - b[s]["val_bpb"]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "smollm2-135m", "entropy-model", "llama-3.2-1b", "llama-3.1-8b"])
+def test_every_shipped_recipe_passes_dry_run(tiny_converted, name, tmp_path):
+    from typer.testing import CliRunner
+
+    import byteify.cli as cli
+
+    res = CliRunner().invoke(cli.app, ["train", name, f"model={tiny_converted}", f"output_dir={tmp_path / 'r'}", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "trainable" in res.output and "memory estimate" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_activation_checkpointing_recomputes_and_gives_the_same_losses(tiny_converted, tmp_path, monkeypatch):
+    from byteify.train import model as train_model
+
+    real, calls = train_model.TrainModule.forward, []
+
+    def counting(self, *a, **k):  # calls inside the first global layer's forward, gradients on
+        layer = self.blt.model.global_transformer.layers[0].mlp  # (transformers checkpoints forward, not hooks)
+        if not getattr(layer, "_counted", False):
+            layer._counted = True
+            layer.register_forward_pre_hook(lambda *_: calls.append(1) if torch.is_grad_enabled() else None)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train_model.TrainModule, "forward", counting)
+    run(tiny_converted, tmp_path / "a", "stages.0.steps=3")
+    plain = len(calls)
+    calls.clear()
+    run(tiny_converted, tmp_path / "b", "stages.0.steps=3", "run.activation_checkpointing=true")
+    assert plain == 3 and len(calls) == 6  # checkpointing is on: each layer runs again in backward
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for s in (1, 2, 3):
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tiny_converted, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ByteifyError, match="tensorboard"):
+        run(tiny_converted, tmp_path / "r", "stages.0.steps=1", "stages.0.warmup_steps=0", "run.tensorboard=true")
