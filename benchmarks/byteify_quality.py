@@ -131,11 +131,12 @@ def summary(run: Path) -> dict:
 
 
 def held_out_docs(max_bytes: int) -> list[bytes]:
-    from byteify.distillation import split_sources
-    from byteify.recipes import load_recipe
+    from byteify.data.streams import decide_holdout, held_out_documents
+    from byteify.train.recipe import load_recipe
 
     recipe, _ = load_recipe("smollm2-135m")
-    _, val = split_sources(recipe)
+    sources = recipe.data.sources
+    val = held_out_documents(sources, decide_holdout(sources, recipe.data.val_fraction, recipe.seed))
     out, n = [], 0
     for d in val:
         if n >= max_bytes:
@@ -146,12 +147,14 @@ def held_out_docs(max_bytes: int) -> list[bytes]:
 
 
 def final_eval(model_dir: Path, docs, source=None) -> dict:
-    from byteify.evaluation import evaluate_blt, evaluate_source, load_blt
-    from byteify.patching import build_patcher
-    from byteify.recipes import PatchingSpec
+    from byteify.evaluate import evaluate_blt, evaluate_source
+    from byteify.patching.patchers import build_patcher
+    from byteify.patching.spec import PatchingSpec
+    from byteify.resolve import load_blt
 
     if source is not None:
-        from byteify.teacher import load_source_tokenizer, load_teacher
+        from byteify.resolve import load_source_tokenizer
+        from byteify.train.teacher import load_teacher
 
         res = evaluate_source(load_teacher(source), load_source_tokenizer(source), docs)
         return {"bpb": res.bits_per_byte, "bytes_per_token": res.bytes_per_token}

@@ -14,7 +14,7 @@ process's own peak):
 
 plus the interpreter's baseline after the imports convert needs (byteify's CLI and transformers'
 BLT modeling code, which alone is ~90 MB of RSS), and, for reference, after importing only
-``torch, transformers, byteify.conversion`` (transformers imports its model code lazily).
+``torch, transformers, byteify.convert.transplant`` (transformers imports its model code lazily).
 
 Usage: .venv/bin/python benchmarks/convert.py [--work DIR] [--shard-size 100MB] [--repeat 1]
 """
@@ -37,7 +37,7 @@ BYTEIFY = str(Path(PY).with_name("byteify"))
 
 def smollm2_gguf() -> Path:
     sys.path.insert(0, str(ROOT))
-    from byteify.sources import bundled_smollm2
+    from byteify.convert.sources import bundled_smollm2
 
     path = bundled_smollm2()
     if path is None:
@@ -93,9 +93,9 @@ import sys, torch, transformers
 transformers.logging.set_verbosity_error()
 from pathlib import Path
 from transformers import AutoModelForCausalLM, BltForCausalLM
-from byteify.conversion import build_blt_config, rope_to_interleaved
-from byteify.presets import load_spec
-from byteify.sources import open_source
+from byteify.convert.transplant import build_blt_config, rope_to_interleaved
+from byteify.convert.presets import load_spec
+from byteify.convert.sources import open_source
 from byteify.tokenizer import save_byte_tokenizer
 
 src, out = sys.argv[1], Path(sys.argv[2])
@@ -124,10 +124,10 @@ save_byte_tokenizer(out)
 FRESH_ONLY = r"""
 import sys
 import torch
-from byteify.conversion import build_blt_config
-from byteify.fresh import fresh_parts
-from byteify.presets import load_spec
-from byteify.sources import open_source
+from byteify.convert.transplant import build_blt_config
+from byteify.convert.fresh import fresh_parts
+from byteify.convert.presets import load_spec
+from byteify.convert.sources import open_source
 
 source = open_source(sys.argv[1])
 config, _ = build_blt_config(source, load_spec("auto"))
@@ -156,10 +156,10 @@ def main(argv=None) -> int:
         return out
 
     methods = {
-        "baseline (imports)": lambda: [PY, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import cli; "
+        "baseline (imports)": lambda: [PY, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import byteify.cli; "
                                                  "from transformers import BltForCausalLM"],
-        "(imports of torch, transformers, byteify.conversion only)": lambda: [
-            PY, "-c", "import torch, transformers, byteify.conversion"],
+        "(imports of torch, transformers, byteify.convert.transplant only)": lambda: [
+            PY, "-c", "import torch, transformers, byteify.convert.transplant"],
         "byteify convert --no-verify": lambda: [BYTEIFY, "convert", str(src), str(fresh_out("out-byteify")),
                                                 "--no-verify", "--dtype", "bf16"],
         "copy (shutil.copytree)": lambda: [PY, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])",

@@ -37,7 +37,7 @@ def converted(work: Path) -> Path:
 
 
 def corpus_bytes(n: int) -> bytes:
-    from byteify.corpus import default_documents
+    from byteify.data.corpus import default_documents
 
     text = "\n\n".join(t for _, t in default_documents()).encode()
     return text[:n]
@@ -54,7 +54,7 @@ def main() -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from byteify.generation import generate_ids
+    from byteify.generate import generate_ids
     from byteify.tokenizer import encode_bytes
 
     model_dir = converted(Path(args.work))

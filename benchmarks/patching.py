@@ -43,7 +43,7 @@ def default_entropy_model(seed: int = 0):
     from transformers import BltConfig
     from transformers.models.blt.modeling_blt import BltPatcher
 
-    from byteify.presets import EntropySpec, _round_up
+    from byteify.convert.presets import EntropySpec, _round_up
 
     e = EntropySpec()
     cfg = BltConfig(patcher_config={
@@ -73,7 +73,7 @@ def random_ids(b: int, t: int, seed: int = 0) -> torch.Tensor:
 
 
 def bench_throughput(seq_len: int, batch_sizes: list[int], threads: list[int]) -> tuple[str, object]:
-    from byteify.patching import EntropyPatcher
+    from byteify.patching.patchers import EntropyPatcher
 
     model, e = default_entropy_model()
     n_params = sum(p.numel() for p in model.parameters())
@@ -101,11 +101,10 @@ def bench_throughput(seq_len: int, batch_sizes: list[int], threads: list[int]) -
 
 def bench_cache(model, model_dir: Path | None, n_batches: int, micro: int, seq_len: int, work: Path) -> str:
     """On the fly vs cached entropies for the same N training batches (+ one training step)."""
-    from byteify.data import ByteBatches, build_datasets
-    from byteify.patching import EntropyPatcher, lengths_from_starts
+    from byteify.data.streams import ByteBatches
+    from byteify.patching.patchers import EntropyPatcher, lengths_from_starts
 
-    train, _ = build_datasets(["default"], seq_len, 0.05, 0)
-    it = iter(ByteBatches(train, micro, seed=0))
+    it = iter(ByteBatches(["default"], seq_len, micro, seed=0))
     batches = [next(it)["input_ids"] for _ in range(n_batches)]
     # a threshold in the bulk of the entropies, so that boundaries are non-trivial
     p = EntropyPatcher(model, float(EntropyPatcher(model, 0.0).entropies(batches[0][:1]).median()), batch_size=micro)
@@ -132,7 +131,8 @@ def bench_cache(model, model_dir: Path | None, n_batches: int, micro: int, seq_l
 
     step = None
     if model_dir is not None:
-        from byteify.training import IGNORE, TrainModule, load_model
+        from byteify.tokenizer import IGNORE_INDEX as IGNORE
+        from byteify.train.model import TrainModule, load_model
 
         blt = load_model(model_dir, "cpu")
         for name, prm in blt.named_parameters():
@@ -171,11 +171,13 @@ def bench_cache(model, model_dir: Path | None, n_batches: int, micro: int, seq_l
 
 
 def bench_calibration(model_dir: Path, steps: int, work: Path, max_bytes: int) -> str:
-    from byteify.calibration import calibrate, compute_entropies, load_entropy_model, limit_windows, patch_stats
-    from byteify.data import build_datasets
-    from byteify.patching import EntropyPatcher, SourceTokenPatcher, SpacePatcher, StaticPatcher, load_source_tokenizer
-    from byteify.recipes import load_recipe
-    from byteify.training import Trainer
+    from byteify.data.streams import ByteBatches, validation_rows
+    from byteify.patching.calibration import calibrate, compute_entropies, limit_windows, patch_stats
+    from byteify.patching.patchers import (EntropyPatcher, SourceTokenPatcher, SpacePatcher, StaticPatcher,
+                                           load_entropy_model)
+    from byteify.resolve import load_source_tokenizer
+    from byteify.train.recipe import load_recipe
+    from byteify.train.trainer import Trainer
 
     seq_len = 512
     out = work / "entropy-run"
@@ -194,18 +196,18 @@ def bench_calibration(model_dir: Path, steps: int, work: Path, max_bytes: int) -
     first_bpb = next(r["bpb"] for r in rows if "step" in r)
 
     # the same held-out windows again (entropies once) for the monotonic rule, then unseen training windows
-    train, val = build_datasets(recipe.data.sources, seq_len, recipe.data.val_fraction, recipe.seed)
-    val_ids = limit_windows(torch.from_numpy(val.rows()[:, :-1].astype(np.int64)), max_bytes)
+    val_rows, holdout = validation_rows(recipe.data.sources, seq_len, recipe.data.val_fraction, recipe.seed,
+                                        max_rows=max_bytes // seq_len + 1)
+    val_ids = limit_windows(torch.from_numpy(val_rows[:, :-1].astype(np.int64)), max_bytes)
     ent_model, _ = load_entropy_model(trained)
     tok = load_source_tokenizer(trained)
     val_ent = compute_entropies(ent_model, val_ids)
     mono = calibrate(ent_model, val_ids, tokenizer=tok, monotonic=True, entropies=val_ent)
-    rng = np.random.default_rng(1)
-    tr_rows = train.rows()
-    pick = np.sort(rng.choice(len(tr_rows), size=max(1, min(len(tr_rows), max_bytes // 2 // seq_len)), replace=False))
-    tr_ids = torch.from_numpy(tr_rows[pick, :-1].astype(np.int64))
+    # training windows of another shuffle than the run's (seed + 1): mostly text the short run never saw
+    unseen = ByteBatches(recipe.data.sources, seq_len, 8, seed=recipe.seed + 1, holdout=holdout)
+    tr_ids = torch.cat([next(unseen)["input_ids"] for _ in range(max(1, max_bytes // 2 // seq_len // 8))])
     tr_ent = compute_entropies(ent_model, tr_ids)
-    from byteify.calibration import tokenizer_bytes_per_token
+    from byteify.patching.calibration import tokenizer_bytes_per_token
 
     def stats(ids, starts):
         b, n, per = patch_stats(ids, starts)

@@ -28,9 +28,9 @@ sys.path.insert(0, {root!r})
 from transformers import AutoModelForCausalLM, BltConfig, BltForCausalLM
 from transformers.utils import logging
 logging.set_verbosity_error()
-from byteify.data import build_datasets, ByteBatches
-from byteify.patching import StaticPatcher
-from byteify.training import TrainModule
+from byteify.data.streams import ByteBatches
+from byteify.patching.patchers import StaticPatcher
+from byteify.train.model import TrainModule
 mode, model_dir, steps, batch, seq_len, device = {mode!r}, {model_dir!r}, {steps}, {batch}, {seq_len}, {device!r}
 torch.manual_seed(0)
 if model_dir.startswith("config:"):
@@ -40,8 +40,7 @@ else:
 model = model.to(device).train()
 for p in model.model.patcher.parameters():
     p.requires_grad_(False)
-train, _ = build_datasets(["default"], seq_len, 0.05, 0)
-it = iter(ByteBatches(train, batch, seed=0))
+it = iter(ByteBatches(["default"], seq_len, batch, seed=0))
 patcher = StaticPatcher(4)
 module = TrainModule(model)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -91,28 +91,28 @@ class EvalReport:
 def load_eval_documents(paths: list[str], max_bytes: int | None = None, text_field: str = "text") -> list[bytes]:
     """The documents of the given .txt/.jsonl files (or ``default``), in order, capped at
     ``max_bytes`` in total (the last one cut at a UTF-8 character boundary)."""
-    from .data.packing import SourceSpec, load_documents
+    from .data.readers import SourceSpec, open_source
 
     if not paths:
         raise ByteifyError("--data: give at least one .txt or .jsonl file")
+    if max_bytes is not None and max_bytes < 1:
+        raise ByteifyError(f"--max-bytes {max_bytes}: must be at least 1")
     docs: list[bytes] = []
+    total, limit = 0, max_bytes if max_bytes is not None else float("inf")
     for p in paths:
-        docs += load_documents(SourceSpec(path=str(p), text_field=text_field))
-    if max_bytes is not None:
-        if max_bytes < 1:
-            raise ByteifyError(f"--max-bytes {max_bytes}: must be at least 1")
-        capped, total = [], 0
-        for d in docs:
-            if total + len(d) > max_bytes:
-                cut = max_bytes - total
+        for _, d in open_source(SourceSpec(path=str(p), text_field=text_field)).documents():
+            if total + len(d) > limit:
+                cut = int(limit - total)
                 while 0 < cut < len(d) and (d[cut] & 0xC0) == 0x80:  # not inside a UTF-8 character
                     cut -= 1
                 if cut > 0:
-                    capped.append(d[:cut])
+                    docs.append(d[:cut])
+                total = limit
                 break
-            capped.append(d)
+            docs.append(d)
             total += len(d)
-        docs = capped
+        if total >= limit:
+            break
     if not docs:
         raise ByteifyError("--data: no text to evaluate")
     return docs

@@ -99,30 +99,23 @@ def compute_entropies(entropy_model, ids: torch.Tensor, batch_size: int = 8, pro
 # Held-out windows
 
 
-def windows_from_documents(docs: list[bytes], seq_len: int) -> torch.Tensor:
-    """Documents -> [N, seq_len] ids, framed and packed like training rows (inputs only)."""
-    from ..data.packing import frame_documents, pack
-
-    rows = pack(frame_documents(docs), seq_len)
-    return torch.from_numpy(rows[:, :-1].astype(np.int64))
-
-
 def held_out_windows(sources, seq_len: int, val_fraction: float = 0.0, seed: int = 0,
                      max_bytes: int | None = None) -> torch.Tensor:
-    """Windows of held-out text: with ``val_fraction`` > 0 the validation split a recipe with the
-    same data, ``val_fraction`` and ``seed`` holds out; with 0, all documents of the sources.
-    At most ``max_bytes`` (evenly spread windows)."""
-    from ..data.packing import as_spec, build_datasets, load_documents
+    """Windows [N, seq_len] of held-out text, framed and packed like training rows (inputs only):
+    with ``val_fraction`` > 0 the documents a recipe with the same data, ``val_fraction`` and
+    ``seed`` holds out, with 0 all documents of the sources; read only until ``max_bytes``."""
+    from ..data.readers import open_source
+    from ..data.streams import pack_rows, validation_rows
 
+    max_rows = None if max_bytes is None else max(1, -(-max_bytes // seq_len))
     if val_fraction > 0:
-        _, val = build_datasets(sources, seq_len, val_fraction, seed)
-        rows = torch.from_numpy(val.rows()[:, :-1].astype(np.int64))
+        rows, _ = validation_rows(sources, seq_len, val_fraction, seed, max_rows)
     else:
-        docs = [d for s in sources for d in load_documents(as_spec(s))]
-        if not docs:
-            raise ByteifyError("calibration: the data holds no documents")
-        rows = windows_from_documents(docs, seq_len)
-    return limit_windows(rows, max_bytes)
+        docs = (doc for s in sources for _, doc in open_source(s).documents())
+        rows = pack_rows(docs, seq_len, max_rows)
+    if not len(rows):
+        raise ByteifyError("calibration: the data holds no held-out text")
+    return limit_windows(torch.from_numpy(rows[:, :-1].astype(np.int64)), max_bytes)
 
 
 def limit_windows(rows: torch.Tensor, max_bytes: int | None) -> torch.Tensor:

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.packing import ALIGNED_ORDER, epoch_permutation
-from ..errors import ByteifyError
+from ..data.streams import LaneStream
 from ..tokenizer import BOE_ID, BOS_ID, IGNORE_INDEX, OFFSET, token_byte_strings
 
 
@@ -98,39 +97,38 @@ def tokenize_document(tokenizer, doc: bytes, token_bytes: list[bytes | None] | N
     return out_ids, lens
 
 
-class AlignedWindows:
-    """Documents cut into token-aligned windows of at most ``seq_len`` bytes (plus BOS)."""
+class WindowCutter:
+    """Cuts documents into token-aligned windows of at most ``seq_len`` bytes (plus BOS): runs of
+    whole source tokens, each window a tuple (bytes, token ids, token byte lengths, the next
+    token id or -1, the next byte or -1); and collates windows into an :class:`AlignedBatch`."""
 
-    def __init__(self, docs: list[bytes], tokenizer, seq_len: int):
-        self.seq_len = seq_len
+    def __init__(self, tokenizer, seq_len: int):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.bos
-        self.windows = []  # (bytes, token ids, token lengths, next token id or -1, next byte or -1)
-        table = token_byte_strings(tokenizer)
-        for doc in docs:
-            text_bytes = doc.decode("utf-8", errors="replace").encode("utf-8")
-            ids, lens = tokenize_document(tokenizer, doc, table)
-            i, pos = 0, 0
-            while i < len(ids):
-                j, n = i, 0
-                while j < len(ids) and n + lens[j] <= seq_len - 1:
-                    n += lens[j]
-                    j += 1
-                if j == i:  # a single token longer than the window: skip it
-                    pos += lens[i]
-                    i += 1
-                    continue
-                nxt_tok = ids[j] if j < len(ids) else -1
-                nxt_byte = text_bytes[pos + n] if pos + n < len(text_bytes) else -1
-                self.windows.append((text_bytes[pos:pos + n], ids[i:j], lens[i:j], nxt_tok, nxt_byte))
-                pos += n
-                i = j
+        self.table = token_byte_strings(tokenizer)
 
-    def __len__(self):
-        return len(self.windows)
+    def windows(self, doc: bytes) -> list[tuple]:
+        text_bytes = doc.decode("utf-8", errors="replace").encode("utf-8")
+        ids, lens = tokenize_document(self.tokenizer, doc, self.table)
+        out, i, pos = [], 0, 0
+        while i < len(ids):
+            j, n = i, 0
+            while j < len(ids) and n + lens[j] <= self.seq_len - 1:
+                n += lens[j]
+                j += 1
+            if j == i:  # a single token longer than the window: skip it
+                pos += lens[i]
+                i += 1
+                continue
+            nxt_tok = ids[j] if j < len(ids) else -1
+            nxt_byte = text_bytes[pos + n] if pos + n < len(text_bytes) else -1
+            out.append((text_bytes[pos:pos + n], ids[i:j], lens[i:j], nxt_tok, nxt_byte))
+            pos += n
+            i = j
+        return out
 
-    def batch(self, indices) -> AlignedBatch:
-        rows = [self.windows[i] for i in indices]
+    def collate(self, rows: list[tuple]) -> AlignedBatch:
         B, T = len(rows), self.seq_len
         P = max(len(r[1]) for r in rows) + 1
         input_ids = torch.full((B, T), BOE_ID, dtype=torch.long)
@@ -166,44 +164,55 @@ class AlignedWindows:
         return AlignedBatch(input_ids, labels, lengths, teacher_ids, next_token, byte_patch, byte_depth)
 
 
+class AlignedWindows:
+    """The windows of a list of documents, held in memory (validation text, tests)."""
+
+    def __init__(self, docs: list[bytes], tokenizer, seq_len: int):
+        self.cutter = WindowCutter(tokenizer, seq_len)
+        self.seq_len = seq_len
+        self.windows = [w for doc in docs for w in self.cutter.windows(doc)]
+
+    def __len__(self):
+        return len(self.windows)
+
+    def batch(self, indices) -> AlignedBatch:
+        return self.cutter.collate([self.windows[i] for i in indices])
+
+
+class WindowPacker:
+    """A :class:`byteify.data.streams.Packer` of token-aligned windows: a document's windows in
+    order; offsets count windows (a window never spans documents)."""
+
+    def __init__(self, cutter: WindowCutter):
+        self.cutter = cutter
+        self.fingerprint = {"packer": "WindowPacker", "seq_len": cutter.seq_len, "vocab": len(cutter.table)}
+
+    def items(self, docs, offset=0):
+        for pos, doc in docs:
+            windows = self.cutter.windows(doc)
+            for k in range(offset, len(windows)):
+                yield windows[k], pos, k + 1
+            offset = 0
 
 
 class AlignedBatches:
-    """Deterministic, resumable order over token-aligned windows: a seed-derived permutation per
-    epoch; the position is (epoch, index), checked against the windows and seed on load."""
+    """Endless token-aligned training batches of this rank, streamed like byte batches (lanes,
+    weights, held-out documents skipped, a resumable position valid for any world size; see
+    :class:`byteify.data.streams.LaneStream`)."""
 
-    def __init__(self, windows: AlignedWindows, batch_size: int, seed: int):
-        if len(windows) < batch_size:
-            raise ByteifyError(f"distillation: {len(windows)} token-aligned windows, fewer than one batch of {batch_size}")
-        self.windows, self.batch_size, self.seed = windows, batch_size, seed
-        self.epoch, self.index = 0, 0
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return epoch_permutation(self.seed, ALIGNED_ORDER, epoch, len(self.windows))
+    def __init__(self, sources: list, cutter: WindowCutter, lanes: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, holdout=None):
+        self.cutter = cutter
+        self.stream = LaneStream(sources, lambda: WindowPacker(cutter), lanes, rank, world_size, seed, holdout)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> AlignedBatch:
-        order, picked = self._order(self.epoch), []
-        while len(picked) < self.batch_size:
-            if self.index >= len(order):
-                self.epoch, self.index = self.epoch + 1, 0
-                order = self._order(self.epoch)
-            picked.append(int(order[self.index]))
-            self.index += 1
-        return self.windows.batch(picked)
+        return self.cutter.collate(self.stream.next_items())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "windows": len(self.windows)}
+        return self.stream.state_dict()
 
-    def load_state_dict(self, st: dict) -> None:
-        here = self.state_dict()
-        for key in ("seed", "windows"):
-            if st.get(key) != here[key]:
-                raise ByteifyError(f"distillation: cannot resume: the saved position is for {key} {st.get(key)}, "
-                                   f"this run has {here[key]}")
-        if not 0 <= int(st["index"]) <= len(self.windows) or int(st["epoch"]) < 0:
-            raise ByteifyError(f"distillation: cannot resume: position (epoch {st['epoch']}, index {st['index']}) "
-                               f"is out of range")
-        self.epoch, self.index = int(st["epoch"]), int(st["index"])
+    def load_state_dict(self, states) -> None:
+        self.stream.load_state_dict(states)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import ByteifyError
 from ..tokenizer import IGNORE_INDEX, OFFSET, token_byte_strings
-from .aligned import AlignedBatch, AlignedBatches, AlignedWindows, ByteTrie
+from .aligned import AlignedBatch, AlignedBatches, AlignedWindows, ByteTrie, WindowCutter
 from .model import blt_forward, summed_nll
 from .stages import LN2, StageContext, StepResult, validate_bytes
 
@@ -135,17 +135,30 @@ class DistillStage:
         if shared is None:  # built once per run, reused by later distillation stages
             from ..resolve import load_source_tokenizer
 
-            from ..data.packing import split_sources
-
             tok = load_source_tokenizer(ctx.location)
-            data = ctx.recipe.data
-            train_docs, val_docs = split_sources(data.sources, data.val_fraction, ctx.recipe.seed)
-            seq_len = ctx.recipe.data.seq_len
             shared = ctx.shared["distill"] = {
                 "teacher": load_teacher(ctx.location).to(ctx.dist.device), "trie": ByteTrie(token_byte_strings(tok)),
-                "train": AlignedWindows(train_docs, tok, seq_len), "val": AlignedWindows(val_docs, tok, seq_len)}
+                "cutter": WindowCutter(tok, ctx.recipe.data.seq_len), "val": self._validation_windows(tok)}
         self.teacher, self.trie, self.val_windows = shared["teacher"], shared["trie"], shared["val"]
-        self.stream = AlignedBatches(shared["train"], ctx.micro_batch, ctx.seed)
+        self.stream = AlignedBatches(ctx.sources, shared["cutter"], ctx.micro_batch, ctx.dist.rank, ctx.dist.world,
+                                     ctx.seed, ctx.holdout)
+
+    def _validation_windows(self, tok) -> AlignedWindows:
+        """The held-out documents, read until they fill ``run.eval_batches`` micro-batches."""
+        from ..data.streams import held_out_documents
+
+        need, docs, windows = self.ctx.recipe.run.eval_batches * self.ctx.micro_batch, [], 0
+        cutter = WindowCutter(tok, self.ctx.recipe.data.seq_len)
+        it = held_out_documents(self.ctx.sources, self.ctx.holdout)
+        try:
+            for doc in it:
+                docs.append(doc)
+                windows += len(cutter.windows(doc))
+                if windows >= need:
+                    break
+        finally:
+            it.close()
+        return AlignedWindows(docs, tok, self.ctx.recipe.data.seq_len)
 
     def _to(self, b: AlignedBatch) -> AlignedBatch:
         return AlignedBatch(*(self.ctx.to_device(getattr(b, f)) for f in AlignedBatch.__dataclass_fields__))

@@ -40,6 +40,14 @@ class Dist:
         """True on every rank when ``flag`` is true on any rank (a stop signal seen by one rank)."""
         return self.all_sum(float(flag))[0] > 0
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (a small picklable object), on every rank, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..data.packing import SourceSpec
+from ..data.readers import SourceSpec
 from ..errors import ByteifyError
 from ..parts import PARTS
 from ..patching.spec import PatchingSpec

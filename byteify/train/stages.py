@@ -39,8 +39,9 @@ class StageContext:
     module: torch.nn.Module  # the TrainModule (FSDP-sharded when dist.world > 1)
     dist: Dist
     location: object  # byteify.resolve.Location of the model the run started from
-    train: object  # training dataset
-    val: object  # validation dataset
+    sources: list  # the recipe's data sources (byteify.data.readers.SourceSpec)
+    holdout: object  # which documents are validation text (byteify.data.streams.Holdout)
+    val_rows: object  # held-out text packed into rows of seq_len + 1 ids (numpy uint16)
     patcher: object  # patch lengths for the BLT loss (None in an entropy-model-only stage)
     micro_batch: int  # sequences per micro-step over all processes (each takes micro_batch / world)
     shared: dict = field(default_factory=dict)  # lives across stages (a teacher, a trie ...)
@@ -70,11 +71,11 @@ class ByteStage:
     """Plain and LoRA stages."""
 
     def __init__(self, ctx: StageContext):
-        from ..data.packing import ByteBatches
+        from ..data.streams import ByteBatches
 
         self.ctx = ctx
-        self.stream = ByteBatches(ctx.train, ctx.micro_batch, seed=ctx.seed, rank=ctx.dist.rank,
-                                  world_size=ctx.dist.world)
+        self.stream = ByteBatches(ctx.sources, ctx.recipe.data.seq_len, ctx.micro_batch, rank=ctx.dist.rank,
+                                  world_size=ctx.dist.world, seed=ctx.seed, holdout=ctx.holdout)
 
     def step(self) -> StepResult:
         ctx = self.ctx
@@ -111,10 +112,12 @@ def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None):
 @torch.no_grad()
 def validate_bytes(ctx: StageContext) -> float:
     """Bits per byte on the held-out split (the entropy model's when only it trains)."""
+    from ..data.streams import validation_batches
+
     ctx.module.eval()
     nats = count = 0.0
-    for batch in ctx.val.val_batches(ctx.micro_batch, ctx.recipe.run.eval_batches,
-                                     rank=ctx.dist.rank, world_size=ctx.dist.world):
+    for batch in validation_batches(ctx.val_rows, ctx.micro_batch, ctx.recipe.run.eval_batches,
+                                    rank=ctx.dist.rank, world_size=ctx.dist.world):
         blt, ent, labels = byte_losses(ctx, batch, entropy_loss=ctx.entropy_only)
         nats += float(ent if ctx.entropy_only else blt)
         count += float((labels != IGNORE_INDEX).sum())

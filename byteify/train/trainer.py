@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.streams import merge_states
 from ..errors import ByteifyError
 from ..parts import PARTS
 from ..patching.patchers import build_patcher
@@ -78,15 +79,24 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.raw, sort_keys=False))
         torch.manual_seed(r.seed)
-        from ..data.packing import build_datasets
-
-        self.train_data, self.val_data = build_datasets(r.data.sources, r.data.seq_len, r.data.val_fraction, r.seed)
+        self.val_rows, self.holdout = self._validation()
         weights = self.resume_from / "model" if self.resume_from is not None else self.location.model_dir
         self.model = load_model(weights, self.dist.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.writer = self._tensorboard()
         self.t_start = time.perf_counter()
         self.last_checkpoint = self.resume_from
+
+    def _validation(self):
+        """Held-out rows (enough for every stage's validation and the calibration) and the
+        holdout the training streams skip; read from the start of the sources, never a full pass."""
+        from ..data.streams import validation_rows
+
+        r = self.recipe
+        rows = max(r.run.eval_batches * self._micro_batch(s) for s in r.stages)
+        if r.calibration is not None:
+            rows = max(rows, -(-r.calibration.max_bytes // r.data.seq_len))
+        return validation_rows(r.data.sources, r.data.seq_len, r.data.val_fraction, r.seed, max_rows=rows)
 
     def run(self) -> dict:
         self.setup()
@@ -140,7 +150,7 @@ class Trainer:
         spec = r.stage_patching(stage) or default_patching(module.blt.config, self.location.metadata)
         patcher = None if stage.train == ["entropy_model"] else build_patcher(spec, module.blt, model_dir=self.location)
         return StageContext(recipe=r, stage=stage, index=index, module=module, dist=self.dist, location=self.location,
-                            train=self.train_data, val=self.val_data, patcher=patcher,
+                            sources=r.data.sources, holdout=self.holdout, val_rows=self.val_rows, patcher=patcher,
                             micro_batch=self._micro_batch(stage), shared=self.shared, autocast=self._autocast)
 
     def runner(self, ctx: StageContext):
@@ -205,6 +215,7 @@ class Trainer:
     def save(self, ctx: StageContext, optimizer, scheduler, runner) -> Path | None:
         full = self._full_state(ctx.module)
         optim_state = self._optimizer_state(ctx.module, optimizer)
+        data_state = merge_states(self.dist.gather(runner.stream.state_dict()))  # every rank's lanes
         path = None
         if self.dist.main:
             state = dict(self.state)
@@ -217,7 +228,7 @@ class Trainer:
                     peft_sd = {k.removeprefix("model."): v for k, v in full.items()}
                     ctx.module.model.save_pretrained(str(tmp / "adapter"), state_dict=peft_sd)
                 torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                            "data": runner.stream.state_dict(), "rng": ckpt.rng_state(self.dist.device)}, tmp / "state.pt")
+                            "data": data_state, "rng": ckpt.rng_state(self.dist.device)}, tmp / "state.pt")
                 (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
             ckpt.prune(self.run_dir, self.recipe.run.keep_last)
             path = ckpt.latest_checkpoint(self.run_dir)
@@ -272,7 +283,7 @@ class Trainer:
         cal = None
         if self.dist.main:
             spec = self.recipe.calibration
-            ids = limit_windows(torch.from_numpy(self.val_data.rows()[:, :-1].astype("int64")), spec.max_bytes)
+            ids = limit_windows(torch.from_numpy(self.val_rows[:, :-1].astype("int64")), spec.max_bytes)
             result = calibrate_model_dir(model_dir, ids, target=spec.target_bytes_per_patch, monotonic=spec.monotonic,
                                          max_patch_length=spec.max_patch_length, device=self.dist.device)
             cal = result.to_dict()

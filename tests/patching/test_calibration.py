@@ -13,8 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from byteify.data.streams import pack_rows
 from byteify.patching.calibration import (calibrate, calibrate_model_dir, find_threshold, held_out_windows,
-                                 limit_windows, load_entropy_model, patch_stats, windows_from_documents)
+                                          limit_windows, patch_stats)
+from byteify.patching.patchers import load_entropy_model
 from byteify.errors import ByteifyError
 from byteify.patching.patchers import EntropyPatcher, build_patcher
 from byteify.resolve import load_source_tokenizer
@@ -50,7 +52,8 @@ def test_find_threshold_on_hand_made_entropies():
 
 @pytest.fixture(scope="module")
 def held_out():
-    return limit_windows(windows_from_documents([t.encode() for t in corpus_texts(12, offset=60)], 128), 12288)
+    rows = pack_rows([t.encode() for t in corpus_texts(12, offset=60)], 128)
+    return limit_windows(torch.from_numpy(rows[:, :-1].astype("int64")), 12288)
 
 
 def test_calibration_hits_the_source_tokenizers_bytes_per_token(tiny_entropy_blt, held_out):
