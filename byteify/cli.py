@@ -65,7 +65,7 @@ def _user_errors(fn):
 def convert(
     src: Annotated[str, typer.Argument(help="HF checkpoint directory (config.json + safetensors, sharded or not), a .gguf file, or a hub id")],
     out: Annotated[Path, typer.Argument(help="output directory (must not exist or be empty; not inside SRC)")],
-    preset: Annotated[str, typer.Option(help="sizes of the fresh parts: auto (scaled to the source), tiny, blt-1b, or a YAML file")] = "auto",
+    preset: Annotated[str, typer.Option(help="sizes of the fresh parts: auto (scaled to the source), warm (auto with the vocabulary warm start and the hash sizes it needs), tiny, blt-1b, or a YAML file")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a preset key, e.g. --set encoder.hidden_size=256 (repeatable)")] = None,
     seed: Annotated[int, typer.Option(help="seed for the fresh parts")] = 0,
     dtype: Annotated[str, typer.Option(help="output dtype: auto (the source's), fp32, fp16, bf16")] = "auto",
@@ -93,6 +93,10 @@ def convert(
     typer.echo(f"wrote {out} ({len(report.shards)} shard(s)) in {report.seconds:.1f}s")
     if report.source_bytes_per_token:
         typer.echo(f"source tokenizer: {report.source_bytes_per_token:.3f} bytes/token on the probe text")
+    if report.warm_start:
+        from byteify.convert.warmstart import format_stats
+
+        typer.echo(format_stats(report.warm_start))
     typer.echo(format_inspection(inspect_model(out)))
     if report.verification is not None:
         typer.echo(report.verification.summary())
@@ -240,7 +244,7 @@ def export(
 @_user_errors
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="a BLT model directory (or a checkpoint / training run)")],
-    data: Annotated[list[str], typer.Option("--data", help=".txt / .jsonl file, directory or glob, or 'default' (repeatable)")],
+    data: Annotated[list[str], typer.Option("--data", help=".txt / .jsonl file, directory or glob, 'default' (the embedded corpus) or 'default:val' (its held-out documents) (repeatable)")],
     patching: Annotated[Optional[str], typer.Option(help="static, entropy, space, byte or source_tokens (default: the config's entropy patching if 'byteify calibrate' ran, else static)")] = None,
     patch_size: Annotated[int, typer.Option(help="bytes per patch for static patching")] = 4,
     threshold: Annotated[Optional[float], typer.Option(help="entropy threshold in nats (default: the config's)")] = None,
@@ -253,13 +257,15 @@ def eval_cmd(
     dtype: Annotated[str, typer.Option(help="compute dtype: fp32, bf16, fp16")] = "fp32",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    teacher_forced_bound: Annotated[bool, typer.Option("--teacher-forced-bound", help="the step-0 gate: also the source model fed this BLT's patch vectors on source-token patches of the same text (token bits per byte), next to its own embeddings; target <= 1.6x")] = False,
 ):
     """Bits per byte, bytes per patch and global steps per KB on text; side by side with the source model."""
     from byteify.evaluate import evaluate, format_report
 
     report = evaluate(model, data, patching=patching, patch_size=patch_size, threshold=threshold, seq_len=seq_len,
                       max_bytes=max_bytes, batch_size=batch_size, source=source, use_recorded_source=not no_source,
-                      source_seq_len=source_seq_len, dtype=dtype, device=device, progress=sys.stderr.isatty())
+                      source_seq_len=source_seq_len, dtype=dtype, device=device, progress=sys.stderr.isatty(),
+                      teacher_forced=teacher_forced_bound)
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_report(report))
 
 

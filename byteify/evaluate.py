@@ -79,6 +79,7 @@ class EvalReport:
     blt: BltResult
     source: SourceResult | None = None
     notes: list[str] = field(default_factory=list)
+    bound: "BoundResult | None" = None  # the step-0 gate's teacher-forced bound (--teacher-forced-bound)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,7 +90,8 @@ class EvalReport:
 
 # ------------------------------------------------------------------------------------------
 def load_eval_documents(paths: list[str], max_bytes: int | None = None, text_field: str = "text") -> list[bytes]:
-    """The documents of the given .txt/.jsonl files (or ``default``), in order, capped at
+    """The documents of the given .txt/.jsonl files (or ``default``, or ``default:val``: the
+    embedded corpus's held-out documents, see :func:`held_out_corpus`), in order, capped at
     ``max_bytes`` in total (the last one cut at a UTF-8 character boundary)."""
     from .data.readers import SourceSpec, open_source
 
@@ -100,7 +102,10 @@ def load_eval_documents(paths: list[str], max_bytes: int | None = None, text_fie
     docs: list[bytes] = []
     total, limit = 0, max_bytes if max_bytes is not None else float("inf")
     for p in paths:
-        for _, d in open_source(SourceSpec(path=str(p), text_field=text_field)).documents():
+        held = str(p) == DEFAULT_HELD_OUT
+        found = ((None, d) for d in held_out_corpus()) if held else \
+            open_source(SourceSpec(path=str(p), text_field=text_field)).documents()
+        for _, d in found:
             if total + len(d) > limit:
                 cut = int(limit - total)
                 while 0 < cut < len(d) and (d[cut] & 0xC0) == 0x80:  # not inside a UTF-8 character
@@ -308,9 +313,11 @@ def evaluate(
     dtype: str = "fp32",
     device: str = "auto",
     progress: bool = False,
+    teacher_forced: bool = False,
 ) -> EvalReport:
     """Evaluate the BLT at ``model_path`` (and, with ``source`` or a recorded source, the source
-    model) on the documents of ``data``."""
+    model) on the documents of ``data``.  ``teacher_forced``: also the step-0 gate's bound
+    (:func:`teacher_forced_bound`, the source rebuilt from the converted directory)."""
     from .modelfiles import parse_dtype
     from .patching.patchers import build_patcher
     from .patching.spec import MODES, PatchingSpec, calibration_record, default_patching
@@ -337,6 +344,15 @@ def evaluate(
         spec.threshold = threshold
     patcher = build_patcher(spec, model, model_dir=inp)
     blt = evaluate_blt(model, docs, patcher, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    bound = None
+    if teacher_forced:
+        from .resolve import load_source_tokenizer
+        from .train.teacher import load_teacher
+
+        teacher = load_teacher(inp, torch_dtype).to(dev)
+        bound = teacher_forced_bound(model, teacher, load_source_tokenizer(inp), docs, seq_len=seq_len,
+                                     batch_size=batch_size, progress=progress)
+        del teacher
 
     src_result = None
     src = source
@@ -362,7 +378,7 @@ def evaluate(
         src_result = evaluate_source(src_model, tok, docs, seq_len=source_seq_len, batch_size=batch_size,
                                      blt_seq_len=seq_len, progress=progress, name=str(s.path))
     return EvalReport(model=str(model_path), data=[str(p) for p in data], documents=len(docs),
-                      text_bytes=sum(len(d) for d in docs), blt=blt, source=src_result, notes=notes)
+                      text_bytes=sum(len(d) for d in docs), blt=blt, source=src_result, notes=notes, bound=bound)
 
 
 def format_report(r: EvalReport) -> str:
@@ -389,5 +405,160 @@ def format_report(r: EvalReport) -> str:
                      f"; {s.bytes_covered:,} bytes scored)")
         lines.append(f"gap: BLT {b.bits_per_byte - s.bits_per_byte:+.4f} bits per byte vs the source "
                      f"({b.bits_per_byte / max(s.bits_per_byte, 1e-12):.2f}x)")
+    if r.bound is not None:
+        lines.append(format_bound(r.bound))
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# The step-0 gate: what the transplanted global transformer can make of the encoder's patch vectors.
+DEFAULT_HELD_OUT = "default:val"  # --data name: the held-out documents of the embedded corpus
+BOUND_TARGET = 1.6  # the gate: the bound within 1.6x of the exact-embedding figure
+
+
+def held_out_corpus(max_bytes: int | None = None, val_fraction: float = 0.05, seed: int = 0) -> list[bytes]:
+    """The validation documents of the embedded corpus under the recipes' default split
+    (``val_fraction`` 0.05, seed 0), in order, capped at ``max_bytes`` (the last one cut at a
+    UTF-8 character boundary): the held-out text of ``byteify train``'s validation and of
+    ``benchmarks/byteify_quality.py``."""
+    from .data.readers import open_source
+    from .data.streams import decide_holdout, held_out_documents
+
+    sources = [open_source("default")]
+    out, total = [], 0
+    docs = held_out_documents(sources, decide_holdout(sources, val_fraction, seed))
+    try:
+        for d in docs:
+            if max_bytes is not None and total + len(d) > max_bytes:
+                cut = max_bytes - total
+                while 0 < cut < len(d) and (d[cut] & 0xC0) == 0x80:
+                    cut -= 1
+                if cut > 0:
+                    out.append(d[:cut])
+                break
+            out.append(d)
+            total += len(d)
+    finally:
+        docs.close()
+    return out
+
+
+@dataclass
+class BoundResult:
+    """The teacher-forced bound: the source model (its layers, final norm and head) fed the BLT
+    encoder's patch vectors on source-token-aligned patches, next to the same model fed its own
+    input embeddings of the same tokens; token bits per byte over the same predicted tokens."""
+
+    bits_per_byte: float  # teacher fed the BLT's patch vectors
+    exact_bits_per_byte: float  # teacher fed its own embeddings
+    ratio: float
+    target: float
+    passed: bool
+    patch_rel_error: float  # RMS over patches of |patch vector - embedding| / |embedding| (text tokens)
+    predicted_tokens: int
+    bytes_covered: int
+    windows: int
+    seq_len: int
+    dtype: str = "float32"
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def encoder_patch_vectors(model, input_ids: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
+    """The local encoder's patch outputs of the stock ``BltForCausalLM`` forward, [B, P, D]:
+    captured where the global transformer receives them (the rest of the forward is skipped)."""
+    box = {}
+
+    def hook(_module, _args, kwargs):
+        box["x"] = kwargs["inputs_embeds"]
+        raise _Captured
+
+    handle = model.model.global_transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.model(input_ids=input_ids, patch_lengths=patch_lengths, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return box["x"]
+
+
+@torch.no_grad()
+def _teacher_nll(teacher, targets: torch.Tensor, *, input_ids=None, inputs_embeds=None) -> float:
+    """Summed next-token NLL (nats) of the teacher over ``targets`` [B, P] (-100: not scored)."""
+    hidden = teacher.model(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+    total = 0.0
+    for h, y in zip(hidden, targets):
+        keep = y != IGNORE_INDEX
+        if keep.any():
+            total += float(F.cross_entropy(teacher.lm_head(h[keep]).float(), y[keep], reduction="sum"))
+    return total
+
+
+@torch.no_grad()
+def teacher_forced_bound(model, teacher, tokenizer, docs: list[bytes], *, seq_len: int = 1024, batch_size: int = 8,
+                         target: float = BOUND_TARGET, exact_bits_per_byte: float | None = None,
+                         patch_vectors=None, progress: bool = False) -> BoundResult:
+    """The step-0 teacher-forced bound of ``model`` (a ``BltForCausalLM``) on ``docs``: windows of
+    whole source tokens (``byteify.train.aligned``), one BLT patch per source token after the BOS
+    patch; the encoder's patch vectors of the stock forward go to the ``teacher`` (the source
+    ``LlamaForCausalLM``) as ``inputs_embeds``; token p+1 is predicted at patch p, for the tokens
+    inside each window.  Bits per byte = summed NLL / ln 2 / bytes of the predicted tokens.
+    ``exact_bits_per_byte``: the exact-embedding figure of an earlier call on the same text,
+    teacher and dtype (its forward is then skipped).  ``patch_vectors(model, batch)``: another
+    source of patch vectors for an :class:`~byteify.train.aligned.AlignedBatch` (oracles, tests);
+    default the stock forward's (:func:`encoder_patch_vectors`)."""
+    from .train.aligned import AlignedWindows
+
+    model.eval()
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    aligned = AlignedWindows(docs, tokenizer, seq_len)
+    embed = teacher.get_input_embeddings()
+    nats = exact = 0.0
+    tokens = covered = 0
+    err_sq, err_n = 0.0, 0
+    with _progress(len(aligned), progress, "bound") as bar:
+        for i in range(0, len(aligned), batch_size):
+            idx = list(range(i, min(i + batch_size, len(aligned))))
+            batch = aligned.batch(idx)
+            n_tok = torch.tensor([len(aligned.windows[j][1]) for j in idx])
+            P = batch.teacher_ids.shape[1]
+            targets = torch.full((len(idx), P), IGNORE_INDEX, dtype=torch.long)
+            for r, n in enumerate(n_tok.tolist()):
+                targets[r, :n] = batch.next_token[r, :n]
+                covered += sum(aligned.windows[idx[r]][2])
+            tokens += int(n_tok.sum())
+            if patch_vectors is None:
+                vectors = encoder_patch_vectors(model, batch.input_ids.to(device), batch.patch_lengths.to(device))[:, :P]
+            else:
+                vectors = patch_vectors(model, batch)[:, :P]
+            teacher_ids = batch.teacher_ids.to(device)
+            vectors = vectors.to(embed.weight.dtype)
+            nats += _teacher_nll(teacher, targets.to(device), inputs_embeds=vectors)
+            if exact_bits_per_byte is None:
+                exact += _teacher_nll(teacher, targets.to(device), input_ids=teacher_ids)
+            e = embed(teacher_ids).float()
+            for r, n in enumerate(n_tok.tolist()):  # text tokens: patches 1..n
+                diff = (vectors[r, 1:n + 1].float() - e[r, 1:n + 1]).norm(dim=-1) / e[r, 1:n + 1].norm(dim=-1).clamp(min=1e-12)
+                err_sq += float(diff.pow(2).sum())
+                err_n += n
+            bar.update(len(idx))
+    bpb = nats / max(covered, 1) / LN2
+    exact_bpb = exact / max(covered, 1) / LN2 if exact_bits_per_byte is None else exact_bits_per_byte
+    ratio = bpb / max(exact_bpb, 1e-12)
+    return BoundResult(bits_per_byte=bpb, exact_bits_per_byte=exact_bpb, ratio=ratio, target=target,
+                       passed=ratio <= target, patch_rel_error=math.sqrt(err_sq / max(err_n, 1)),
+                       predicted_tokens=tokens, bytes_covered=covered, windows=len(aligned), seq_len=seq_len,
+                       dtype=str(embed.weight.dtype).removeprefix("torch."))
+
+
+def format_bound(b: BoundResult) -> str:
+    return (f"step-0 gate: teacher-forced bound {b.bits_per_byte:.4f} bits/byte (source fed the encoder's patch "
+            f"vectors) vs {b.exact_bits_per_byte:.4f} with its own embeddings: {b.ratio:.2f}x, target <= "
+            f"{b.target:.1f}x: {'PASS' if b.passed else 'FAIL'} ({b.predicted_tokens:,} tokens, {b.bytes_covered:,} bytes, "
+            f"{b.windows} windows of {b.seq_len} bytes; patch vectors' relative error {b.patch_rel_error:.3f})")

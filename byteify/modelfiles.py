@@ -169,6 +169,15 @@ class SafetensorsDir:
         except Exception as exc:  # truncated data surfaces here on some files
             raise ByteifyError(f"{self.path_of(name)}: cannot read tensor '{name}': {exc}") from None
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of one tensor, without reading the rest."""
+        try:
+            return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
+        except ByteifyError:
+            raise
+        except Exception as exc:
+            raise ByteifyError(f"{self.path_of(name)}: cannot read tensor '{name}': {exc}") from None
+
     def rows(self, name: str, rows: int = 4096):
         """One tensor as consecutive blocks of ``rows`` rows (for tables too large to copy whole)."""
         try:
@@ -368,3 +377,55 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ByteifyError(f"{path}: unreadable JSON ({exc.__class__.__name__})") from None
+
+
+# ---- sharded (torch.distributed.checkpoint) -------------------------------------------------
+def dcp_call(fn, *args, **kwargs):
+    """A torch.distributed.checkpoint save/load; in one process without a process group it runs
+    with ``no_dist`` (and without the warning torch prints about assuming so)."""
+    import warnings
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        kwargs["no_dist"] = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        return fn(*args, **kwargs)
+
+
+class ShardedTensors:
+    """The tensors of a ``torch.distributed.checkpoint`` directory whose keys start with
+    ``prefix``, read one at a time in any process (no process group needed): memory is one
+    tensor, whatever the number of shards and processes that wrote it."""
+
+    def __init__(self, directory: str | Path, prefix: str = "model."):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.dir, self.prefix = Path(directory), prefix
+        try:
+            meta = FileSystemReader(str(self.dir)).read_metadata()
+        except Exception as exc:
+            raise ByteifyError(f"{self.dir}: unreadable sharded checkpoint ({exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        self.entries = {k[len(prefix):]: v for k, v in meta.state_dict_metadata.items()
+                        if k.startswith(prefix) and isinstance(v, TensorStorageMetadata)}
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name].size)
+
+    def get(self, name: str) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemReader
+
+        e = self.entries[name]
+        t = torch.empty(tuple(e.size), dtype=e.properties.dtype)
+        dcp_call(dcp.load, {self.prefix + name: t}, storage_reader=FileSystemReader(str(self.dir)))
+        return t

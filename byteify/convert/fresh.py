@@ -17,7 +17,7 @@ from .memory import release_freed_memory
 
 
 def fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int = 8192,
-                patch_rms: float | None = None):
+                patch_rms: float | None = None, warm=None):
     """Every BLT tensor except the global layers, initialised the BLT way (transformers' init:
     truncated normals), reproducibly from ``seed``, as ``(name, shape, chunks)`` with ``chunks``
     an iterator of row blocks in ``dtype``: nothing is held longer than the writer needs it.
@@ -31,7 +31,11 @@ def fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int
     ``patch_rms``: rescale the local encoder's output projections so that its patch outputs (the
     global transformer's inputs) have this root-mean-square on probe text; convert passes the
     source embeddings' RMS (Bolmo's ``fix_init`` does the same), since transplanted layers expect
-    inputs at that scale and BLT's init gives ~10x more."""
+    inputs at that scale and BLT's init gives ~10x more.
+
+    ``warm``: a :class:`byteify.convert.warmstart.WarmStart`; its encoder tensors replace the
+    drawn ones (every other tensor is drawn as without it, from the same seed) and the hash table
+    is its sparse entries, streamed in the same row blocks.  ``patch_rms`` must then be None."""
     from transformers import BltForCausalLM
 
     cfg = _without_global(config)
@@ -43,16 +47,26 @@ def fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int
     finally:
         torch.random.set_rng_state(saved_rng)
     if patch_rms is not None:
+        if warm is not None:
+            raise ValueError("the warm start sets the encoder's output scale itself: patch_rms must be None")
         match_patch_rms(model, patch_rms)
     small = {k: v for k, v in model.state_dict().items() if k != HASH_TABLE}
     del model
+    if warm is not None:
+        for name, value in warm.small_tensors().items():
+            value = torch.zeros_like(small[name]) if value is None else value
+            if tuple(value.shape) != tuple(small[name].shape):
+                raise ValueError(f"warm start: {name} has shape {tuple(value.shape)}, expected {tuple(small[name].shape)}")
+            small[name] = value
     for name in sorted(small):
         t = small.pop(name)
         yield name, tuple(t.shape), iter([t.detach().to(dtype)])
         del t
     release_freed_memory()
     total_rows, hidden = hash_table_shape(config)
-    yield HASH_TABLE, (total_rows, hidden), _hash_table_chunks(total_rows, hidden, seed, dtype, rows)
+    chunks = (warm.table_chunks(total_rows, dtype, rows) if warm is not None
+              else _hash_table_chunks(total_rows, hidden, seed, dtype, rows))
+    yield HASH_TABLE, (total_rows, hidden), chunks
 
 
 @torch.no_grad()

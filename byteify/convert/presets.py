@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from ..errors import ByteifyError
 from ..patching.spec import BLT_DEFAULT_THRESHOLD, PatchingSpec
@@ -49,6 +50,25 @@ class HashSpec(_Strict):
         return v
 
 
+class WarmStartSpec(_Strict):
+    """The vocabulary warm start (:mod:`byteify.convert.warmstart`): the source's token embeddings
+    written into the fresh hash tables and encoder, so the global transformer reads them at step 0."""
+
+    enabled: bool = False
+    # token counts for the SVD weights and the collision order: the source tokenizer on the
+    # training part of the embedded corpus, or none (all alike; collisions by token id)
+    frequencies: Literal["corpus", "uniform"] = "corpus"
+    # tokens longer than the largest n-gram size: into the bucket of their last n bytes, or left out
+    long_tokens: Literal["suffix", "drop"] = "suffix"
+    # content clipped at this many standard deviations per coordinate (sets the grid's resolution)
+    clip: float = Field(4.0, gt=0)
+    # length offset per byte, in units of the clipped content's range: >= 1 makes amax selection exact
+    offset: float = Field(1.0, gt=0)
+    rank: int | None = Field(None, ge=1)  # None: encoder width - 1
+    # content and offsets on a grid exact in bf16 (and a projection whose bf16 rows sum to zero)
+    bf16_exact: bool = True
+
+
 class ArchitectureSpec(_Strict):
     cross_attn_k: int | None = None  # None: 2, or 4 for global hidden >= 4096
     local_attention_window: int | None = 512
@@ -60,6 +80,8 @@ class ArchitectureSpec(_Strict):
     patching: PatchingSpec = PatchingSpec()
     # scale the fresh encoder's outputs to the source embeddings' RMS (what the transplanted layers expect)
     match_embedding_scale: bool = True
+    # write the source vocabulary into the hash tables and encoder (scale matching then does not apply)
+    vocab_warm_start: WarmStartSpec = WarmStartSpec()
 
 
 PRESETS: dict[str, dict] = {
@@ -72,6 +94,12 @@ PRESETS: dict[str, dict] = {
         "entropy": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
         "hash": {"vocab_size": 512},
         "max_byte_positions": 4096,
+    },
+    # The vocabulary warm start (byteify.convert.warmstart) with the sizes it needs: n-gram sizes
+    # from 2 (2-byte tokens), 131,072 buckets per size; the rest as 'auto'.
+    "warm": {
+        "vocab_warm_start": {"enabled": True},
+        "hash": {"ngram_sizes": [2, 3, 4, 5, 6, 7, 8], "vocab_size": 131072},
     },
     # The released BLT-1B's local sizes (3B parameters of hash tables: GPU only).
     "blt-1b": {

@@ -136,6 +136,7 @@ class ConvertReport:
     source_bytes_per_token: float | None = None
     verification: object | None = None
     warnings: list[str] = field(default_factory=list)
+    warm_start: dict | None = None  # the vocabulary warm start's statistics, when it ran
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -175,10 +176,14 @@ def convert(
         fresh_bytes = sum(math.prod(shape) for shape in fresh_shapes(config).values()) * out_dtype.itemsize
         total = sum(source.nbytes(n) for n, _, _ in layer_entries) + fresh_bytes
         writer = ShardWriter(tmp, max_bytes)
-        embeddings_rms = _write_side_weights(source, tmp, out_dtype)  # first: the fresh init needs the RMS
+        tokenizer, warm = None, None
+        if resolved.vocab_warm_start.enabled:  # from the source's own embeddings, whatever the output dtype
+            tokenizer = source.load_tokenizer()
+            warm = _plan_warm_start(source, config, resolved, tokenizer, seed)
+        embeddings_rms = _write_side_weights(source, tmp, out_dtype)  # before the fresh init: it needs the RMS
         with _progress(total, progress, "convert") as bar:
-            target_rms = embeddings_rms if spec.match_embedding_scale else None
-            for name, shape, chunks in fresh_parts(config, seed, out_dtype, patch_rms=target_rms):
+            target_rms = embeddings_rms if (spec.match_embedding_scale and warm is None) else None
+            for name, shape, chunks in fresh_parts(config, seed, out_dtype, patch_rms=target_rms, warm=warm):
                 writer.add_chunks(name, shape, out_dtype, _counted(chunks, bar))
             for src_name, blt_name, entry in layer_entries:
                 t = apply_transform(entry, source.format, source.read(src_name), source.config)
@@ -189,10 +194,12 @@ def convert(
         config.dtype = dtype_name(out_dtype)
         config.save_pretrained(str(tmp))
         save_byte_tokenizer(tmp)
-        bpt = _write_side_files(source, tmp)
-        _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings)
+        bpt = _write_side_files(source, tmp, tokenizer)
+        warm_stats = warm.stats if warm is not None else None
+        del warm
+        _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings, warm_stats)
         report = ConvertReport(out=out, config=config, shards=shards, seconds=0.0, source_bytes_per_token=bpt,
-                               warnings=warnings)
+                               warnings=warnings, warm_start=warm_stats)
         if verify:
             from .verification import verify_transplant
 
@@ -238,16 +245,32 @@ def _tallied(blocks, tally: list):
         del block
 
 
-def _write_side_files(source: SourceCheckpoint, tmp: Path) -> float | None:
+def _plan_warm_start(source: SourceCheckpoint, config, resolved: ArchitectureSpec, tokenizer, seed: int):
+    """The vocabulary warm start (:mod:`byteify.convert.warmstart`) from the source tokenizer and
+    the source's input embeddings (read twice, in row blocks)."""
+    from .warmstart import plan_warm_start
+
+    if tokenizer is None:
+        raise ByteifyError(f"{source.path}: vocab_warm_start needs the source tokenizer, and the source ships none "
+                           "that transformers can load")
+    name = next(src for src, side, _ in source.side_entries() if side == "embed_tokens.weight")
+    t = time.perf_counter()
+    warm = plan_warm_start(config, resolved.vocab_warm_start, tokenizer, lambda: source.read_rows(name, 8192), seed=seed)
+    warm.stats["seconds"] = round(time.perf_counter() - t, 2)
+    release_freed_memory()
+    return warm
+
+
+def _write_side_files(source: SourceCheckpoint, tmp: Path, tok=None) -> float | None:
     """Source config and tokenizer beside the BLT; returns the tokenizer's bytes per token on the
-    probe text (None without a tokenizer)."""
+    probe text (None without a tokenizer).  ``tok``: the source tokenizer, if already loaded."""
     side = tmp / SIDE_DIR
     src_cfg = source.config.to_dict()
     src_cfg.pop("quantization_config", None)
     src_cfg["architectures"] = [source.architecture]
     src_cfg["tie_word_embeddings"] = source.tied_embeddings
     (side / "config.json").write_text(json.dumps(src_cfg, indent=2, default=str) + "\n")
-    tok = source.load_tokenizer()
+    tok = tok if tok is not None else source.load_tokenizer()
     if tok is None:
         return None
     tok.save_pretrained(str(side / "tokenizer"))
@@ -258,7 +281,7 @@ def _write_side_files(source: SourceCheckpoint, tmp: Path) -> float | None:
     return len(text.encode("utf-8")) / max(1, n_tokens)
 
 
-def _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings) -> None:
+def _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings, warm_stats=None) -> None:
     import safetensors
     import transformers
 
@@ -291,4 +314,6 @@ def _write_metadata(source, tmp, resolved, out_dtype, seed, bpt, warnings) -> No
         "source_bytes_per_token": bpt,
         "warnings": warnings,
     }
+    if warm_stats is not None:
+        meta["vocab_warm_start"] = warm_stats
     write_json(tmp / METADATA_FILE, meta)

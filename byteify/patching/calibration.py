@@ -309,6 +309,9 @@ def calibrate_model_dir(model_dir: str | Path, ids: torch.Tensor, *, target: flo
     """Load MODEL's entropy model, calibrate on windows ``ids`` and write the result into MODEL's
     model directory (in place) or into a copy at ``out``."""
     loc = locate(model_dir)
+    if loc.model_dir is None:
+        raise ByteifyError(f"{model_dir}: a sharded checkpoint; calibrate writes into a model directory "
+                           "(export it first, or use the end of a stage's checkpoint, which has model/)")
     model_dir = loc.model_dir
     entropy_model, _ = load_entropy_model(loc, device)
     # the source tokenizer gives the default target, and the report's bytes/token otherwise

@@ -327,20 +327,18 @@ def load_entropy_model(model_dir: str | Path | Location, device="cpu"):
     from transformers import AutoConfig
     from transformers.models.blt.modeling_blt import BltPatcher
 
-    from ..modelfiles import SafetensorsDir
-
     loc = model_dir if isinstance(model_dir, Location) else locate(model_dir)
-    config = AutoConfig.from_pretrained(str(loc.model_dir))
-    weights = SafetensorsDir(loc.model_dir)
+    config = AutoConfig.from_pretrained(str(loc.config_dir))
+    weights = loc.weights()
     prefix = "model.patcher."
     state = {k[len(prefix):]: weights.get(k).float() for k in weights.keys() if k.startswith(prefix)}
     if not state or config.patcher_config is None:
-        raise ByteifyError(f"{loc.model_dir}: no entropy model weights (model.patcher.*) or patcher_config")
+        raise ByteifyError(f"{loc.config_dir}: no entropy model weights (model.patcher.*) or patcher_config")
     model = BltPatcher(config.patcher_config).float()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if "rotary" not in m]
     if missing or unexpected:
-        raise ByteifyError(f"{loc.model_dir}: entropy model weights do not match patcher_config "
+        raise ByteifyError(f"{loc.config_dir}: entropy model weights do not match patcher_config "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval(), config
 

@@ -82,7 +82,7 @@ def compute_view(model_dir: str | Path, data: bytes, mode: str | None = None, th
     loc = locate(model_dir)
     if not data:
         raise ByteifyError("no text to patch")
-    config = AutoConfig.from_pretrained(str(loc.model_dir))
+    config = AutoConfig.from_pretrained(str(loc.config_dir))
     spec = _resolve_spec(config, loc.metadata, mode, threshold, monotonic, max_patch_length, patch_size)
     ids = torch.tensor([encode_bytes(data)])
     ent_model = None

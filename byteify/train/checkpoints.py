@@ -1,9 +1,20 @@
-"""Training checkpoints: a model directory ``AutoModelForCausalLM.from_pretrained`` loads as-is
-(plus a peft adapter beside it during LoRA stages) and the resume state (optimizer, scheduler,
-data position, RNG states, step, stage), built in a temporary directory and renamed; the last K
-kept.
+"""Training checkpoints, written by every process at once and loadable into any number of
+processes:
 
-Layout: ``RUN/checkpoints/step-00000100/{model/, adapter/, state.pt, trainer.json}``.
+``RUN/checkpoints/step-00000100/``
+
+* ``sharded/``: ``torch.distributed.checkpoint`` of the training module and the optimizer, each
+  process writing only its own shards (keys are parameter names, so any world size loads them),
+  with the model's ``config.json``, tokenizer files and ``byteify.json`` (and a LoRA stage's
+  ``adapter_config.json``) beside them;
+* ``data.json`` (every process's data-stream position), ``rng.pt`` (each process's RNG states),
+  ``scheduler.pt``, ``trainer.json`` (step, stage, bytes seen);
+* at the end of a stage (or always, ``run.consolidate: always``): ``model/``, a plain
+  transformers directory consolidated tensor by tensor (memory: one tensor), and in a LoRA stage
+  ``adapter/`` (peft).
+
+The directory is built under a hidden name that every process agrees on and renamed when all of
+them are done, so a crash or SIGKILL during a save leaves the previous checkpoint the newest.
 """
 
 from __future__ import annotations
@@ -17,8 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import ByteifyError
-from ..modelfiles import AtomicDirectory, read_json, write_json, write_tensors
-from ..resolve import CHECKPOINTS_DIR, METADATA_FILE, TRAINER_STATE, checkpoint_dirs, latest_checkpoint
+from ..modelfiles import ShardWriter, dcp_call, read_json, write_json
+from ..resolve import CHECKPOINTS_DIR, METADATA_FILE, SHARDED_DIR, TRAINER_STATE, checkpoint_dirs, latest_checkpoint
 from ..tokenizer import TOKENIZER_FILES
 
 
@@ -37,29 +48,85 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return latest
 
 
-def plain_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Training state dict -> plain ``BltForCausalLM`` names (drops LoRA tensors and wrappers)."""
-    out = {}
-    for k, v in state.items():
-        if "lora_" in k:
-            continue
-        k = k.removeprefix("model.")  # the training wrapper's attribute
-        out[k.removeprefix("base_model.model.").replace(".base_layer.", ".")] = v
-    return out
+# ---- saving ---------------------------------------------------------------------------------
+def staging_dir(run_dir: Path, step: int, dist) -> Path:
+    """The hidden directory a checkpoint is built in (cleared by the main process first)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    tmp = root / f".step-{step:08d}.tmp"
+    if dist.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died half-way
+        tmp.mkdir()
+    dist.barrier()
+    return tmp
 
 
-def write_model_dir(out: Path, config, state: dict[str, torch.Tensor], base_model_dir: Path, meta: dict) -> None:
-    """A model directory: safetensors, config, tokenizer files, byteify.json (the base's, updated)."""
-    out.mkdir(parents=True)
-    write_tensors(out, ((k, state[k].detach().to("cpu").contiguous()) for k in sorted(state)))
+def save_sharded(path: Path, module, optimizer) -> None:
+    """Model and optimizer state, each process its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    dcp_call(dcp.save, {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, module, optimizer) -> None:
+    """The inverse of :func:`save_sharded`, into any number of processes (resharded on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(module, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp_call(dcp.load, state, checkpoint_id=str(path))
+    except Exception as exc:  # a checkpoint of another model or stage layout
+        raise ByteifyError(f"{path}: cannot load this checkpoint into the stage's model "
+                           f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def write_side_files(out: Path, config, base_dir: Path, meta: dict) -> None:
+    """config.json, the tokenizer files and byteify.json (the base model's, updated) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     for name in TOKENIZER_FILES + ("generation_config.json",):
-        if (base_model_dir / name).exists():
-            shutil.copyfile(base_model_dir / name, out / name)
-    full = read_json(base_model_dir / METADATA_FILE)
-    full.setdefault("converted_model_dir", str(base_model_dir.resolve()))
+        if (base_dir / name).exists():
+            shutil.copyfile(base_dir / name, out / name)
+    full = read_json(base_dir / METADATA_FILE)
+    full.setdefault("converted_model_dir", str(base_dir.resolve()))
     full.update(meta)
     write_json(out / METADATA_FILE, full)
+
+
+@torch.no_grad()
+def write_consolidated(out: Path, module, dist) -> None:
+    """``model.safetensors`` (plain BLT names, base weights without LoRA) and, in a LoRA stage,
+    ``../adapter`` (peft): every process takes part in gathering one tensor at a time; only the
+    main process holds it and writes."""
+    from torch.distributed.tensor import DTensor
+
+    from ..parts import adapter_key, plain_name
+
+    writer = ShardWriter(out, 5 << 30) if dist.main else None
+    lora = {}
+    for fqn, p in sorted(module.named_parameters()):
+        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        if dist.main:
+            name = plain_name(fqn)
+            if name is None:
+                lora[adapter_key(fqn)] = full.cpu().clone()
+            else:
+                writer.add(name, full.cpu().contiguous())
+        del full
+    if dist.main:
+        writer.close()
+        if lora:
+            from safetensors.torch import save_file
+
+            adapter = out.parent / "adapter"
+            adapter.mkdir()
+            module.model.peft_config["default"].save_pretrained(str(adapter))
+            save_file(lora, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def rng_state(device: torch.device) -> dict:
@@ -78,22 +145,29 @@ def set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def atomic_checkpoint(run_dir: Path, step: int) -> AtomicDirectory:
-    """``with atomic_checkpoint(run_dir, step) as tmp:`` -> renamed to ``step-XXXXXXXX`` on success."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    return AtomicDirectory(root / f"step-{step:08d}")
-
-
-def prune(run_dir: Path, keep_last: int) -> None:
+def finish(tmp: Path, run_dir: Path, step: int, keep_last: int) -> Path:
+    """Rename the staged checkpoint into place (main process) and keep the last ``keep_last``."""
+    final = Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
+# ---- reading --------------------------------------------------------------------------------
 def read_trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / TRAINER_STATE).read_text())
 
 
-def load_resume_state(checkpoint: Path) -> dict:
-    """Optimizer, scheduler, data and RNG states of a checkpoint, on the CPU."""
-    return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+def check_resumable(checkpoint: Path) -> None:
+    if not (checkpoint / SHARDED_DIR / ".metadata").exists():
+        raise ByteifyError(f"{checkpoint}: no {SHARDED_DIR}/ training state (a checkpoint written by byteify < 0.2 "
+                           f"cannot be resumed; export it or start a new run from its model/)")
+
+
+def read_rng(checkpoint: Path, rank: int) -> dict | None:
+    """This rank's RNG states, or rank 0's when the checkpoint was written by fewer processes."""
+    states = torch.load(checkpoint / "rng.pt", map_location="cpu", weights_only=False)
+    return states[rank] if rank < len(states) else states[0]

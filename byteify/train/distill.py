@@ -23,10 +23,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import ByteifyError
 from ..tokenizer import IGNORE_INDEX, OFFSET, token_byte_strings
 from .aligned import AlignedBatch, AlignedBatches, AlignedWindows, ByteTrie, WindowCutter
 from .model import blt_forward, summed_nll
+from .distributed import set_gradient_sync
 from .stages import LN2, StageContext, StepResult, validate_bytes
 
 
@@ -128,8 +128,6 @@ class DistillStage:
     def __init__(self, ctx: StageContext):
         from .teacher import load_teacher
 
-        if ctx.dist.sharded:
-            raise ByteifyError(f"stage '{ctx.stage.name}': distillation stages run in a single process")
         self.ctx, self.spec = ctx, ctx.stage.distill
         shared = ctx.shared.get("distill")
         if shared is None:  # built once per run, reused by later distillation stages
@@ -137,14 +135,30 @@ class DistillStage:
 
             tok = load_source_tokenizer(ctx.location)
             shared = ctx.shared["distill"] = {
-                "teacher": load_teacher(ctx.location).to(ctx.dist.device), "trie": ByteTrie(token_byte_strings(tok)),
+                "teacher": self._teacher(load_teacher), "trie": ByteTrie(token_byte_strings(tok)),
                 "cutter": WindowCutter(tok, ctx.recipe.data.seq_len), "val": self._validation_windows(tok)}
         self.teacher, self.trie, self.val_windows = shared["teacher"], shared["trie"], shared["val"]
         self.stream = AlignedBatches(ctx.sources, shared["cutter"], ctx.micro_batch, ctx.dist.rank, ctx.dist.world,
                                      ctx.seed, ctx.holdout)
 
+    def _teacher(self, load_teacher):
+        """The frozen source model; under torchrun sharded like the student (one unit per layer),
+        so no process keeps the whole teacher on its device."""
+        teacher = load_teacher(self.ctx.location)
+        if self.ctx.dist.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            from .distributed import mixed_precision
+
+            kw = {"mesh": self.ctx.dist.mesh, "mp_policy": mixed_precision(self.ctx.recipe.run, self.ctx.dist.device)}
+            for layer in teacher.model.layers:
+                fully_shard(layer, **kw)
+            fully_shard(teacher, **kw)
+        return teacher.to(self.ctx.dist.device)
+
     def _validation_windows(self, tok) -> AlignedWindows:
-        """The held-out documents, read until they fill ``run.eval_batches`` micro-batches."""
+        """The held-out documents, read until they fill ``run.eval_batches`` micro-batches (every
+        process reads the same; each evaluates its slice of every batch)."""
         from ..data.streams import held_out_documents
 
         need, docs, windows = self.ctx.recipe.run.eval_batches * self.ctx.micro_batch, [], 0
@@ -171,31 +185,38 @@ class DistillStage:
                                    distill=lambda blt: distill_losses(blt, b, hk, hl, logits, self.trie, self.spec))
 
     def step(self) -> StepResult:
+        dist = self.ctx.dist
         micro = [self._to(next(self.stream)) for _ in range(self.ctx.stage.grad_accum)]
-        n_bytes = sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro)
-        n_patches = sum(int((b.patch_lengths > 0).sum()) for b in micro)
+        n_bytes, n_patches, step_bytes = dist.all_sum(  # over all processes: the objective's normalisers
+            sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro), sum(int((b.patch_lengths > 0).sum()) for b in micro),
+            sum(int((b.input_ids >= OFFSET).sum()) for b in micro))
         loss = ce = kl = enc = 0.0
-        for b in micro:
+        for i, b in enumerate(micro):
+            set_gradient_sync(self.ctx.module, i == len(micro) - 1)
             out = self._losses(b)
             objective = distill_objective(out, self.spec, n_bytes, n_patches)
-            objective.backward()
+            (objective * dist.world).backward()  # FSDP averages gradients over processes
             loss += float(objective.detach())
             ce, kl, enc = ce + float(out["ce"].detach()), kl + float(out["kl"].detach()), enc + float(out["enc"].detach())
+        loss, ce, kl, enc = dist.all_sum(loss, ce, kl, enc)
         extras = {"distill_ce": ce / max(n_bytes, 1), "distill_kl": kl / max(n_bytes, 1),
                   "encoder_rel_err": enc / max(n_patches, 1)}
-        step_bytes = sum(int((b.input_ids >= OFFSET).sum()) for b in micro)
-        return StepResult(loss, step_bytes, extras, bpb=ce / max(n_bytes, 1) / LN2)
+        return StepResult(loss, int(step_bytes), extras, bpb=ce / max(n_bytes, 1) / LN2)
 
     @torch.no_grad()
     def validate(self) -> dict:
+        dist, per = self.ctx.dist, self.ctx.micro_batch
         self.ctx.module.eval()
         ce = n = enc = n_p = 0.0
-        per = self.ctx.micro_batch
-        idx = list(range(len(self.val_windows)))[: self.ctx.recipe.run.eval_batches * per]
-        for s in range(0, len(idx), per):
-            out = self._losses(self._to(self.val_windows.batch(idx[s:s + per])))
+        windows = len(self.val_windows)
+        batches = min(self.ctx.recipe.run.eval_batches, -(-windows // per))
+        share = per // dist.world
+        for s in range(batches):  # this process's slice of each batch (windows repeat to fill the last)
+            idx = [(s * per + dist.rank * share + j) % windows for j in range(share)]
+            out = self._losses(self._to(self.val_windows.batch(idx)))
             ce, n = ce + float(out["ce"]), n + out["n_bytes"]
             enc, n_p = enc + float(out["enc"]), n_p + out["n_patches"]
+        ce, n, enc, n_p = dist.all_sum(ce, n, enc, n_p)
         self.ctx.module.train()
         res = {"val_distill_bpb": ce / max(n, 1) / math.log(2)}
         if self.spec.encoder:

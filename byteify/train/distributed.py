@@ -52,6 +52,11 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Tear the process group down (gloo aborts a process that exits with it alive)."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
 
 def device_for(pref: str) -> torch.device:
     if pref == "auto":
@@ -85,17 +90,45 @@ def setup_distributed(device_pref: str) -> Dist:
     return Dist(rank=rank, world=world, local_rank=local, device=dev, mesh=init_device_mesh(dev.type, (world,)))
 
 
-def shard(module, dist: Dist):
-    """FSDP2 ``fully_shard`` of the training module: each transformer layer of every stack is a
-    unit, so only one layer's full parameters are gathered at a time."""
+def mixed_precision(run, device: torch.device):
+    """FSDP2's policy from ``run.fsdp``: parameters all-gathered and computed in bf16 on CUDA by
+    default (fp32 on CPU), gradients reduce-scattered in fp32 unless set otherwise."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    param = run.fsdp.param_dtype
+    if param == "auto":
+        param = "bf16" if device.type == "cuda" else "fp32"
+    return MixedPrecisionPolicy(param_dtype=dtypes[param], reduce_dtype=dtypes[run.fsdp.reduce_dtype])
+
+
+def shard_units(blt) -> list:
+    """The modules FSDP2 shards as units of their own, innermost first: every transformer layer
+    of every stack, the hash n-gram embeddings (the largest single tensor of a BLT) and the
+    entropy model; the rest (encoder/decoder projections, norms, LM head) is the root unit."""
+    m = blt.model
+    units = list(m.global_transformer.layers) + list(m.local_encoder.layers) + list(m.local_decoder.layers)
+    units.append(m.encoder_hash_tok_embedding)
+    if m.patcher is not None:
+        units += list(m.patcher.layers) + [m.patcher]
+    return units
+
+
+def shard(module, dist: Dist, run):
+    """FSDP2 ``fully_shard`` of the training module (see :func:`shard_units`), with the
+    mixed-precision policy of :func:`mixed_precision`."""
     from torch.distributed.fsdp import fully_shard
 
-    blt = module.blt
-    layers = list(blt.model.global_transformer.layers) + list(blt.model.local_encoder.layers)
-    layers += list(blt.model.local_decoder.layers)
-    if blt.model.patcher is not None:
-        layers.append(blt.model.patcher)
-    for layer in layers:
-        fully_shard(layer, mesh=dist.mesh)
-    fully_shard(module, mesh=dist.mesh)
+    kw = {"mesh": dist.mesh, "mp_policy": mixed_precision(run, dist.device),
+          "reshard_after_forward": run.fsdp.reshard_after_forward}
+    for unit in shard_units(module.blt):
+        fully_shard(unit, **kw)
+    fully_shard(module, **kw)
     return module
+
+
+def set_gradient_sync(module, enabled: bool) -> None:
+    """FSDP2: reduce-scatter gradients only on the last micro-step of an accumulated step (the
+    others accumulate unsharded gradients locally); a no-op in one process."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(enabled)

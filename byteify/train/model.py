@@ -1,7 +1,9 @@
 """The model a training stage optimises: the BLT wrapped so that one root forward computes a
-stage's losses (what FSDP2 needs), the stage's freezing and LoRA, merging LoRA back at the end of
-its stage, and the BLT forward split around its global transformer (for distillation, which
-feeds the local decoder the teacher's states instead of the global transformer's)."""
+stage's losses (what FSDP2 needs), built for each stage on the meta device with the stage's
+freezing and LoRA, sharded (FSDP2) once per stage, then filled with the weights the run carries
+from stage to stage (LoRA merged at the end of its stage, shard by shard, so no process ever holds
+the whole model); and the BLT forward split around its global transformer (for distillation,
+which feeds the local decoder the teacher's states instead of the global transformer's)."""
 
 from __future__ import annotations
 
@@ -94,23 +96,20 @@ class TrainModule(nn.Module):
         return blt_nats, ent_nats
 
 
-def apply_stage(model, stage: StageSpec, adapter_dir=None):
-    """Freeze everything the stage does not train; inject LoRA into the global transformer
-    (from ``adapter_dir`` when resuming inside a LoRA stage).  Returns the (possibly peft) model."""
+def apply_stage(model, stage: StageSpec):
+    """Freeze everything the stage does not train; inject LoRA into the global transformer.
+    Returns the (possibly peft) model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, p in base.named_parameters():
         p.requires_grad_(part_of(name) in stage.train)
     if stage.lora is None:
         return model
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-    if adapter_dir is not None:
-        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-    else:
-        mods = "|".join(stage.lora.target_modules)
-        cfg = LoraConfig(r=stage.lora.rank, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
-                         target_modules=rf".*global_transformer\.layers\.\d+\..*\.({mods})", bias="none")
-        peft_model = get_peft_model(base, cfg)
+    mods = "|".join(stage.lora.target_modules)
+    cfg = LoraConfig(r=stage.lora.rank, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
+                     target_modules=rf".*global_transformer\.layers\.\d+\..*\.({mods})", bias="none")
+    peft_model = get_peft_model(base, cfg)
     # peft freezes everything but the adapters: re-enable the stage's fully trained parts.
     for name, p in peft_model.named_parameters():
         if "lora_" not in name and part_of(name) in stage.train:
@@ -118,9 +117,121 @@ def apply_stage(model, stage: StageSpec, adapter_dir=None):
     return peft_model
 
 
-def end_stage(model):
-    """Merge a LoRA stage into the weights so the next stage starts from base + delta."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+def build_module(config, stage: StageSpec, dist, run) -> TrainModule:
+    """The stage's training module with *uninitialised* parameters on the process's device:
+    built on the meta device, stage applied (freezing, LoRA), activation checkpointing, FSDP2
+    when there are several processes, then allocated; fill it with :func:`load_weights`."""
+    from transformers import BltForCausalLM
+
+    from ..resolve import init_rotary_buffers
+    from .distributed import shard
+
+    with torch.device("meta"):
+        model = apply_stage(BltForCausalLM(config), stage)
+    blt = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if run.activation_checkpointing:
+        blt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = TrainModule(model)
+    if dist.sharded:
+        shard(module, dist, run)
+    module.to_empty(device=dist.device)
+    init_rotary_buffers(blt, dist.device)
+    return module
+
+
+def _rows(t: torch.Tensor, start: int, stop: int, full_rows: int) -> torch.Tensor:
+    return t if (start, stop) == (0, full_rows) else t[start:stop]
+
+
+@torch.no_grad()
+def load_weights(module: TrainModule, weights, seed: int = 0) -> None:
+    """Fill the module's parameters from ``weights`` (plain BLT names: a reader with ``keys``,
+    ``get`` and optionally ``read_rows(name, start, stop)``, or a dict of tensors or DTensor shards); each process
+    reads only its own rows of a sharded parameter.  LoRA matrices are initialised as peft does
+    (A: Kaiming-uniform, B: zero), from ``seed`` and their name, identically for every number of
+    processes."""
+    from torch.distributed.tensor import DTensor
+
+    from ..parts import plain_name
+
+    missing = []
+    for fqn, p in module.named_parameters():
+        name = plain_name(fqn)
+        local = p.to_local() if isinstance(p, DTensor) else p
+        start, stop = _local_rows(p)
+        if name is None:
+            local.copy_(_lora_init(fqn, tuple(p.shape), seed)[start:stop].to(local.dtype))
+            continue
+        src = weights.get(name) if isinstance(weights, dict) else None
+        if src is None and not isinstance(weights, dict):
+            if name not in weights.keys():
+                missing.append(name)
+                continue
+            src = weights.read_rows(name, start, stop) if hasattr(weights, "read_rows") \
+                else _rows(weights.get(name), start, stop, p.shape[0])
+        elif src is None:
+            missing.append(name)
+            continue
+        elif isinstance(src, DTensor):
+            src = src.to_local()  # the same sharding: this process's rows
+        elif tuple(src.shape) == tuple(p.shape):
+            src = _rows(src, start, stop, p.shape[0])
+        local.copy_(src.to(local.dtype))
+    if missing:
+        raise ByteifyError(f"weights: {len(missing)} tensors missing, e.g. '{missing[0]}'")
+
+
+def _local_rows(p) -> tuple[int, int]:
+    """The rows of a (possibly FSDP-sharded, dim 0) parameter this process holds."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor) or p.ndim == 0:
+        return 0, (p.shape[0] if p.ndim else 1)
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    chunk = -(-n // world)  # torch.chunk's split, as FSDP2 shards
+    start = min(rank * chunk, n)
+    return start, start + p.to_local().shape[0]
+
+
+def _lora_init(fqn: str, shape: tuple, seed: int) -> torch.Tensor:
+    import hashlib
+    import math
+
+    if ".lora_B." in fqn:
+        return torch.zeros(shape)
+    key = int.from_bytes(hashlib.blake2b(fqn.encode(), digest_size=8).digest(), "little")
+    g = torch.Generator().manual_seed((seed * 1_000_003 + key) % (1 << 63))
+    bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, in], as peft
+    return torch.empty(shape).uniform_(-bound, bound, generator=g)
+
+
+@torch.no_grad()
+def carried_weights(module: TrainModule) -> dict[str, torch.Tensor]:
+    """The weights the next stage starts from, under plain BLT names: this process's shards
+    (DTensors) or whole tensors, a LoRA stage's adapters merged into the weights they adapt
+    (``W + B @ A * scaling``, computed on this process's rows of W and B)."""
+    from torch.distributed.tensor import DTensor
+
+    from ..parts import plain_name
+
+    params = dict(module.named_parameters())
+    out = {}
+    for fqn, p in params.items():
+        name = plain_name(fqn)
+        if name is None:
+            continue
+        w = p.detach()
+        prefix = fqn.removesuffix(".base_layer.weight")
+        if prefix != fqn:  # a LoRA-wrapped linear layer
+            a, b = params[prefix + ".lora_A.default.weight"], params[prefix + ".lora_B.default.weight"]
+            scaling = module.get_submodule(prefix).scaling["default"]
+            a_full = a.full_tensor() if isinstance(a, DTensor) else a
+            b_local = b.to_local() if isinstance(b, DTensor) else b
+            w_local = (w.to_local() if isinstance(w, DTensor) else w) + (b_local @ a_full) * scaling
+            w = DTensor.from_local(w_local, w.device_mesh, w.placements, shape=w.shape, stride=w.stride()) \
+                if isinstance(w, DTensor) else w_local
+        out[name] = w.clone()
+    return out
 
 
 def param_counts(model) -> dict[str, dict[str, int]]:
@@ -129,13 +240,3 @@ def param_counts(model) -> dict[str, dict[str, int]]:
     for name, p in model.named_parameters():
         out[part_of(name)]["trainable" if p.requires_grad else "frozen"] += p.numel()
     return out
-
-
-def load_model(model_dir, device):
-    """The BLT of a model directory in fp32 (training keeps fp32 master weights)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if model.config.model_type != "blt":
-        raise ByteifyError(f"{model_dir}/config.json: model_type '{model.config.model_type}', expected 'blt'")
-    return model.to(device)

@@ -26,7 +26,7 @@ def plan(recipe: Recipe) -> str:
     from transformers import AutoConfig, BltForCausalLM
 
     loc = locate(recipe.model)
-    config = AutoConfig.from_pretrained(str(loc.model_dir))
+    config = AutoConfig.from_pretrained(str(loc.config_dir))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lines = [f"model: {recipe.model}", f"output_dir: {recipe.output_dir}",
              f"data: {', '.join(s.path for s in recipe.data.sources)}; seq_len {recipe.data.seq_len} bytes"]

@@ -98,6 +98,14 @@ class StageSpec(_Strict):
         return self
 
 
+class FsdpSpec(_Strict):
+    """FSDP2 under torchrun: mixed precision and resharding (see byteify.train.distributed)."""
+
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # all-gather/compute dtype; auto: bf16 on CUDA, fp32 on CPU
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter dtype
+    reshard_after_forward: bool = True  # False: keep layers gathered between forward and backward (faster, more memory)
+
+
 class RunSpec(_Strict):
     device: str = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -112,6 +120,8 @@ class RunSpec(_Strict):
     progress: bool = True
     threads: int | None = Field(None, ge=1)
     stop_after: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this global step")
+    fsdp: FsdpSpec = FsdpSpec()
+    consolidate: Literal["stage_end", "always"] = "stage_end"  # when a checkpoint also gets a plain model/ directory
 
 
 class Recipe(_Strict):

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..tokenizer import IGNORE_INDEX
-from .distributed import Dist
+from .distributed import Dist, set_gradient_sync
 from .recipe import Recipe, StageSpec
 
 LN2 = math.log(2.0)
@@ -83,7 +83,8 @@ class ByteStage:
         (count,) = ctx.dist.all_sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
         scale = ctx.dist.world / max(count, 1)  # FSDP averages gradients over processes
         blt_nats = ent_nats = 0.0
-        for b in micro:
+        for i, b in enumerate(micro):
+            set_gradient_sync(ctx.module, i == len(micro) - 1)  # reduce-scatter once per step
             blt, ent, _ = byte_losses(ctx, b)
             ((blt + ent) * scale).backward()
             blt_nats, ent_nats = blt_nats + float(blt.detach()), ent_nats + float(ent.detach())

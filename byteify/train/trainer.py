@@ -31,7 +31,8 @@ from ..patching.spec import default_patching
 from ..resolve import Location, locate
 from . import checkpoints as ckpt
 from .distributed import Dist, setup_distributed, shard
-from .model import TrainModule, apply_stage, end_stage, load_model, param_counts
+from ..modelfiles import read_json, write_json
+from .model import build_module, carried_weights, load_weights, param_counts
 from .optim import build_optimizer, build_scheduler, lr_lambda
 from .recipe import Recipe, StageSpec
 from .stages import LN2, ByteStage, StageContext, StepResult
@@ -62,17 +63,20 @@ class Trainer:
             torch.set_num_threads(r.run.threads)
         self.dist: Dist = setup_distributed(r.run.device)
         self.state = {"global_step": 0, "stage_index": 0, "stage_step": 0, "bytes_seen": 0, "stage_name": r.stages[0].name}
-        self.resume_state = None
         start = r.model
         if self.resume_from is not None:
+            ckpt.check_resumable(self.resume_from)
             self.state = ckpt.read_trainer_state(self.resume_from)
-            self.resume_state = ckpt.load_resume_state(self.resume_from)
             start = self.state.get("base_model_dir", r.model)
             if self.dist.main:
                 self.log(f"resuming from {self.resume_from} (stage '{self.state['stage_name']}', "
-                         f"step {self.state['global_step']})")
+                         f"step {self.state['global_step']}, written by {self.state.get('world_size', 1)} process(es))")
         self.location: Location = locate(start)  # a model dir, checkpoint or run: the weights the run started from
-        self.state["base_model_dir"] = str(self.location.model_dir)
+        self.state["base_model_dir"] = str(self.location.config_dir)
+        from transformers import AutoConfig
+
+        self.config = AutoConfig.from_pretrained(str(self.location.config_dir))
+        self.carried = None  # the weights the next stage starts from (None: the starting model's)
         if self.dist.main:
             import yaml
 
@@ -80,8 +84,6 @@ class Trainer:
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.raw, sort_keys=False))
         torch.manual_seed(r.seed)
         self.val_rows, self.holdout = self._validation()
-        weights = self.resume_from / "model" if self.resume_from is not None else self.location.model_dir
-        self.model = load_model(weights, self.dist.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.writer = self._tensorboard()
         self.t_start = time.perf_counter()
@@ -100,54 +102,52 @@ class Trainer:
 
     def run(self) -> dict:
         self.setup()
-        stopped_early = False
         try:
-            with self._signals():
-                for index in range(self.state["stage_index"], len(self.recipe.stages)):
-                    self.run_stage(index)
-        except Interrupted as exc:
-            if exc.by_signal:
-                raise
-            stopped_early, self.last_checkpoint = True, exc.checkpoint
+            stopped_early = False
+            try:
+                with self._signals():
+                    for index in range(self.state["stage_index"], len(self.recipe.stages)):
+                        self.run_stage(index)
+            except Interrupted as exc:
+                if exc.by_signal:
+                    raise
+                stopped_early, self.last_checkpoint = True, exc.checkpoint
+            return self.finish(stopped_early)
         finally:
             if self.writer is not None:
                 self.writer.close()
-        return self.finish(stopped_early)
+            self.dist.close()
 
     # ---- 2. a stage -------------------------------------------------------------------------
     def run_stage(self, index: int) -> None:
-        stage = self.recipe.stages[index]
-        resuming = self.resume_state is not None and index == self.state["stage_index"]
-        ctx = self.stage_context(index, resuming)
-        optimizer = build_optimizer(ctx.module, stage)
-        scheduler = build_scheduler(optimizer, stage)
-        runner = self.runner(ctx)
-        if resuming:
-            self._load_optimizer(ctx.module, optimizer, self.resume_state["optimizer"])
-            scheduler.load_state_dict(self.resume_state["scheduler"])
-            runner.stream.load_state_dict(self.resume_state["data"])
-            ckpt.set_rng_state(self.resume_state["rng"], self.dist.device)
-        else:
-            self.state.update(stage_index=index, stage_step=0, stage_name=stage.name)
-        self._log_stage(ctx)
-        self.loop(ctx, runner, optimizer, scheduler)
-        self.model = end_stage(ctx.module.model)
-        self.resume_state = None
-
-    def stage_context(self, index: int, resuming: bool) -> StageContext:
         r, stage = self.recipe, self.recipe.stages[index]
-        adapter = self.resume_from / "adapter" if resuming and (self.resume_from / "adapter").exists() else None
-        model = apply_stage(self.model, stage, adapter)
-        if r.run.activation_checkpointing:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        module = TrainModule(model)
-        if self.dist.sharded:
-            module = shard(module, self.dist)
+        resuming = self.resume_from is not None and index == self.state["stage_index"]
+        module = build_module(self.config, stage, self.dist, r.run)
         if r.run.compile:
             for layer in module.blt.model.global_transformer.layers:
                 layer.compile()
-        spec = r.stage_patching(stage) or default_patching(module.blt.config, self.location.metadata)
+        optimizer = build_optimizer(module, stage)
+        scheduler = build_scheduler(optimizer, stage)
+        if resuming:  # weights and optimizer moments from the shards, in this run's number of processes
+            ckpt.load_sharded(self.resume_from / ckpt.SHARDED_DIR, module, optimizer)
+            scheduler.load_state_dict(torch.load(self.resume_from / "scheduler.pt", weights_only=False))
+        else:
+            load_weights(module, self.carried if self.carried is not None else self.location.weights(), r.seed + index)
+            self.state.update(stage_index=index, stage_step=0, stage_name=stage.name)
+        self.carried = None
+        ctx = self.stage_context(index, module)
+        runner = self.runner(ctx)
+        if resuming:
+            runner.stream.load_state_dict(read_json(self.resume_from / "data.json"))
+            ckpt.set_rng_state(ckpt.read_rng(self.resume_from, self.dist.rank), self.dist.device)
+            self.resume_from = None
+        self._log_stage(ctx)
+        self.loop(ctx, runner, optimizer, scheduler)
+        self.carried = carried_weights(module)  # LoRA merged, shard by shard
+
+    def stage_context(self, index: int, module) -> StageContext:
+        r, stage = self.recipe, self.recipe.stages[index]
+        spec = r.stage_patching(stage) or default_patching(self.config, self.location.metadata)
         patcher = None if stage.train == ["entropy_model"] else build_patcher(spec, module.blt, model_dir=self.location)
         return StageContext(recipe=r, stage=stage, index=index, module=module, dist=self.dist, location=self.location,
                             sources=r.data.sources, holdout=self.holdout, val_rows=self.val_rows, patcher=patcher,
@@ -212,50 +212,34 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
 
     # ---- checkpoints --------------------------------------------------------------------------
-    def save(self, ctx: StageContext, optimizer, scheduler, runner) -> Path | None:
-        full = self._full_state(ctx.module)
-        optim_state = self._optimizer_state(ctx.module, optimizer)
-        data_state = merge_states(self.dist.gather(runner.stream.state_dict()))  # every rank's lanes
-        path = None
-        if self.dist.main:
-            state = dict(self.state)
-            with ckpt.atomic_checkpoint(self.run_dir, state["global_step"]) as tmp:
-                training = {"recipe": self.raw, "global_step": state["global_step"], "bytes_seen": state["bytes_seen"],
-                            "stage": state["stage_name"], "last_val_bpb": state.get("last_val_bpb")}
-                ckpt.write_model_dir(tmp / "model", ctx.module.blt.config, ckpt.plain_names(full),
-                                     self.location.model_dir, {TRAINING_META: training})
-                if hasattr(ctx.module.model, "peft_config"):
-                    peft_sd = {k.removeprefix("model."): v for k, v in full.items()}
-                    ctx.module.model.save_pretrained(str(tmp / "adapter"), state_dict=peft_sd)
-                torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                            "data": data_state, "rng": ckpt.rng_state(self.dist.device)}, tmp / "state.pt")
-                (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
-            ckpt.prune(self.run_dir, self.recipe.run.keep_last)
-            path = ckpt.latest_checkpoint(self.run_dir)
-        self.dist.barrier()
-        return path
-
-    def _full_state(self, module) -> dict[str, torch.Tensor]:
-        if not self.dist.sharded:
-            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def _optimizer_state(self, module, optimizer):
-        if not self.dist.sharded:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def _load_optimizer(self, module, optimizer, state) -> None:
-        if not self.dist.sharded:
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    def save(self, ctx: StageContext, optimizer, scheduler, runner) -> Path:
+        """A checkpoint every process writes its shards of (see :mod:`byteify.train.checkpoints`)."""
+        state, dist = dict(self.state, world_size=self.dist.world), self.dist
+        tmp = ckpt.staging_dir(self.run_dir, state["global_step"], dist)
+        ckpt.save_sharded(tmp / ckpt.SHARDED_DIR, ctx.module, optimizer)
+        data = merge_states(dist.gather(runner.stream.state_dict()))  # every rank's lanes
+        rngs = dist.gather(ckpt.rng_state(dist.device))
+        consolidate = self.recipe.run.consolidate == "always" or state["stage_step"] == ctx.stage.steps
+        if consolidate:
+            if dist.main:
+                (tmp / "model").mkdir()
+            dist.barrier()
+            ckpt.write_consolidated(tmp / "model", ctx.module, dist)
+        final = self.run_dir / ckpt.CHECKPOINTS_DIR / f"step-{state['global_step']:08d}"
+        if dist.main:
+            training = {"recipe": self.raw, "global_step": state["global_step"], "bytes_seen": state["bytes_seen"],
+                        "stage": state["stage_name"], "last_val_bpb": state.get("last_val_bpb")}
+            for d in [tmp / ckpt.SHARDED_DIR] + ([tmp / "model"] if consolidate else []):
+                ckpt.write_side_files(d, ctx.module.blt.config, self.location.config_dir, {TRAINING_META: training})
+            if hasattr(ctx.module.model, "peft_config"):
+                ctx.module.model.peft_config["default"].save_pretrained(str(tmp / ckpt.SHARDED_DIR))
+            write_json(tmp / "data.json", data)
+            torch.save(rngs, tmp / "rng.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            ckpt.finish(tmp, self.run_dir, state["global_step"], self.recipe.run.keep_last)
+        dist.barrier()
+        return final
 
     # ---- 3. finish ----------------------------------------------------------------------------
     def finish(self, stopped_early: bool) -> dict:

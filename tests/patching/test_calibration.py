@@ -150,9 +150,9 @@ def test_entropy_recipe_trains_logs_bpb_and_calibrates(tmp_path):
     model_dir = out / "checkpoints" / "step-00000006" / "model"
     assert read_config(model_dir)["patching_threshold"] == pytest.approx(cal["threshold"])
     # the checkpoint trains on with entropy patching (threshold from its config)
-    from byteify.train.model import load_model
+    from byteify.resolve import load_blt
 
-    model = load_model(model_dir, "cpu")
+    _, model = load_blt(model_dir)
     p = build_patcher(PatchingSpec(mode="entropy"), model)
     assert p.threshold == pytest.approx(cal["threshold"])
     # source-token patching finds the converted model's tokenizer through byteify.json

@@ -22,7 +22,7 @@ from byteify.train.recipe import DistillSpec, load_recipe
 from byteify.resolve import load_source_tokenizer
 from byteify.train.teacher import load_teacher
 from byteify.tokenizer import OFFSET
-from helpers import tiny_source_and_blt, tiny_tokenizer
+from helpers import checkpoint_state, tiny_source_and_blt, tiny_tokenizer
 
 DOCS = [b"The if statement is used for conditional execution: if x, then y.",
         "for x in range(3): print(x)  # d\u00e9j\u00e0 vu, caf\u00e9 \U0001F600".encode(),
@@ -194,7 +194,7 @@ def test_distill_stage_keeps_the_global_frozen_and_learns(tiny, tmp_path):
     after = load_file(str(Path(summary["checkpoint"]) / "model" / "model.safetensors"))
     changed = {part_of(k) for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"local_encoder", "hash_embeddings", "local_decoder"}
-    state = torch.load(Path(summary["checkpoint"]) / "state.pt", weights_only=False)["optimizer"]
+    state = checkpoint_state(Path(summary["checkpoint"]))["optimizer"]
     assert {g["part"] for g in state["param_groups"]} == {"local_encoder", "hash_embeddings", "local_decoder"}
 
 
@@ -216,7 +216,7 @@ def test_resume_inside_a_distill_stage(tiny, tmp_path):
 
     train(tmp_path / "full")
     train(tmp_path / "part", "run.stop_after=20")
-    state = torch.load(tmp_path / "part" / "checkpoints" / "step-00000020" / "state.pt", weights_only=False)["data"]
+    state = json.loads((tmp_path / "part" / "checkpoints" / "step-00000020" / "data.json").read_text())
     assert state["fingerprint"]["packer"]["packer"] == "WindowPacker"  # the aligned stream's position, not bytes
     train(tmp_path / "part", resume="auto")
     loss = {p: {json.loads(x)["step"]: json.loads(x)["loss"] for x in (tmp_path / p / "metrics.jsonl").read_text().splitlines()

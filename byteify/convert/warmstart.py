@@ -1,0 +1,512 @@
+"""Vocabulary warm start: the source's token embeddings *written* into the fresh local encoder of
+the stock ``BltForCausalLM`` at convert time, so that the transplanted global transformer reads
+(a rank-(d-1) projection of) the embedding of each patch's token before any training.
+
+Design (``../shared/reference/vocabulary-warm-start.md``), as implemented here:
+
+* **Token vectors.**  For every source token ``v``: ``F(v) = b * (len(v) - c0) * 1 + q(B U^T e_v)``.
+  ``U`` (D x r): the top ``r = d - 1`` right-singular vectors of the source embeddings, rows
+  weighted by ``sqrt(count + 1)`` (token counts of the source tokenizer on the training part of
+  the embedded corpus; ``frequencies: uniform`` weighs all alike); ``B`` (d x r): an orthonormal
+  basis of the directions orthogonal to the all-ones vector, randomly rotated (from ``--seed``)
+  so that every coordinate carries the same share of the content; ``1``: the all-ones vector;
+  ``b`` the length offset per byte and ``c0`` a centre that keeps the magnitudes small.
+* **Telescoped tables.**  A token of ``n`` bytes (``n`` in the hash n-gram sizes) writes
+  ``F(v) - S(v[1:])`` into its n-gram bucket, where ``S(s)`` is what the stock embedding sums
+  for the bytes ``s`` alone (the byte embedding of its last byte plus the *realised* buckets of
+  its shorter suffixes, collisions included); byte embedding ``E[b + 4] = F(b)``; every other
+  bucket is zero.  At each byte the stock sum ``E[x_t] + sum_n H_n[h_n(t)]`` is then exactly
+  ``F`` of the longest vocabulary token ending there, for tokens that own their bucket and whose
+  longer n-grams at that byte hit empty buckets.
+* **Collisions**: writers are taken by n-gram size, shortest first (a writer's ``S`` needs the
+  shorter ones final), and within a size by priority: the summed corpus count of the tokens that
+  map to that string (then the lowest token id, BPE's merge order); the first writer of a bucket
+  wins, a later one is dropped (counted in the stats).  Because entries are computed against the
+  realised sums, a lost bucket corrupts only the strings that end with the losing one and are
+  not themselves written.
+* **Tokens longer than the largest n** (``long_tokens``): ``suffix`` (default) writes the token
+  into the bucket of its last ``n_max`` bytes when those bytes are not themselves a token (the
+  most frequent such token wins a shared suffix), with length offset ``n_max + 1``; ``drop``
+  leaves them out (their bytes show the longest shorter suffix token).  Larger n-gram sizes are
+  the other way (``hash.ngram_sizes``), at one table each.
+* **Encoder**: every local layer an identity (attention ``o_proj`` and MLP ``down_proj`` zero);
+  ``patch_reduce``'s per-coordinate amax then selects, in every coordinate, the byte with the
+  longest suffix token (the length offset ``b`` exceeds the content's range: exact selection);
+  ``patch_embedding_projection = U B^T / (2 g)`` removes the offset (``B^T 1 = 0``) and undoes
+  the content scale ``g`` and the doubled residual of the cross-attention, whose ``o_proj`` is
+  zero.  The global transformer then reads ``U U^T e_v``.  Scale matching is not applied.
+* **bf16** (``bf16_exact``, default on): content is clipped at ``clip`` standard deviations and
+  rounded to a grid, offsets are integers on that grid, and the grid is sized so that every
+  table value, byte embedding and partial sum is an integer multiple of ``2^-6`` below
+  ``256 * 2^-6``: exactly representable in bf16, fp16 and fp32, so the embedding sums, the
+  identity layer and the amax are exact in every dtype.  The projection is rounded to
+  bf16-representable values and each row's sum is made zero in exact arithmetic, so the offset
+  (up to ~40x the content per coordinate) cancels exactly in a bf16 matmul (fp32 accumulation)
+  as well.  What bf16 still rounds is the projection's weights and outputs (relative 2^-9).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ByteifyError
+from ..tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE, token_byte_strings
+
+BYTE_EMBEDDING = "model.local_encoder.embed_tokens.weight"
+PATCH_PROJECTION = "model.local_encoder.patch_embedding_projection.weight"
+GRID_LIMIT = 256  # bf16 (8 significant bits) represents every integer of magnitude <= 256 exactly
+UNIT = 2.0 ** -6  # the grid step: table values are integers times UNIT (|value| <= 4)
+PRIMES = [1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133,
+          2860486313, 5463458053, 3367900313]  # transformers' compute_hash_embeddings
+
+
+@dataclass
+class WarmStart:
+    """The computed warm start: byte embeddings, the non-zero rows of the fused hash table, the
+    patch projection, the tensors to zero, and statistics for ``byteify.json``."""
+
+    byte_embeddings: torch.Tensor  # [260, d] float32
+    rows: torch.Tensor  # [M] int64, sorted: the fused-table rows that hold an entry
+    entries: torch.Tensor  # [M, d] float32
+    projection: torch.Tensor  # [k*d, d] float32 (bf16-representable, rows summing to zero)
+    zeroed: list[str]
+    owners: torch.Tensor | None = None  # [M] int64: the token whose entry each row holds (-1: reserved, zero)
+    stats: dict = field(default_factory=dict)
+    token_vectors: torch.Tensor | None = None  # [V, d] F(v) for every token (keep_token_vectors only)
+
+    def small_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensor name -> value for every encoder tensor the warm start sets (not the hash table)."""
+        out = {BYTE_EMBEDDING: self.byte_embeddings, PATCH_PROJECTION: self.projection}
+        for name in self.zeroed:
+            out[name] = None  # zeros of the fresh tensor's shape
+        return out
+
+    def table_chunks(self, total_rows: int, dtype: torch.dtype, rows: int = 8192):
+        """The fused hash table as consecutive blocks of ``rows`` rows in ``dtype``: zeros with the
+        entries scattered in; only one block and the (sparse) entries are ever held."""
+        d = self.entries.shape[1]
+        lo = 0
+        for start in range(0, total_rows, rows):
+            stop = min(total_rows, start + rows)
+            block = torch.zeros(stop - start, d, dtype=dtype)
+            hi = int(torch.searchsorted(self.rows, stop))
+            if hi > lo:
+                block[self.rows[lo:hi] - start] = self.entries[lo:hi].to(dtype)
+            lo = hi
+            yield block
+
+    def dense_table(self, total_rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole table (tests and small models only)."""
+        return torch.cat(list(self.table_chunks(total_rows, dtype, rows=max(1, total_rows))))
+
+
+# ---------------------------------------------------------------------------------------------
+_COUNTS_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+
+
+def token_counts(tokenizer, vocab: int, documents=None) -> torch.Tensor:
+    """How often the source tokenizer emits each token (float64, length ``vocab``) on
+    ``documents`` (bytes), by default :func:`training_documents`.  The default is remembered per
+    process for a fast tokenizer (keyed by its full serialisation): reading and tokenizing the
+    2 MB corpus takes seconds."""
+    key = (_tokenizer_fingerprint(tokenizer), vocab) if documents is None else (None,)
+    if key[0] is not None and key in _COUNTS_CACHE:
+        return _COUNTS_CACHE[key].clone()
+    texts = [d.decode("utf-8", errors="replace") for d in (training_documents() if documents is None else documents)]
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for i in range(0, len(texts), 256):
+        enc = tokenizer(texts[i:i + 256], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([t for row in enc for t in row if t < vocab], dtype=torch.long)
+        counts += torch.bincount(ids, minlength=vocab).to(torch.float64)
+    if key[0] is not None:
+        _COUNTS_CACHE[key] = counts.clone()
+    return counts
+
+
+def training_documents(val_fraction: float = 0.05, seed: int = 0) -> list[bytes]:
+    """The embedded corpus without the documents the recipes' default split (``val_fraction``
+    0.05, seed 0) holds out: the text the token counts come from."""
+    from ..data.readers import open_source
+    from ..data.streams import decide_holdout
+
+    source = open_source("default")
+    holdout = decide_holdout([source], val_fraction, seed)
+    out = []
+    for _, doc in source.documents():
+        train, _ = holdout.split(doc)
+        if train:
+            out.append(train)
+    return out
+
+
+def rotated_basis(d: int, r: int, seed: int) -> torch.Tensor:
+    """``B`` (d x r, float64): orthonormal columns orthogonal to the all-ones vector, a random
+    rotation drawn from ``seed`` (reproducible on every platform: torch's CPU generator)."""
+    if r > d - 1:
+        raise ByteifyError(f"vocab_warm_start: rank {r} > encoder width - 1 = {d - 1}")
+    g = torch.randn(d, r, generator=torch.Generator().manual_seed(seed + 7919), dtype=torch.float64)
+    g -= g.mean(0, keepdim=True)
+    with _one_thread():
+        q, _ = torch.linalg.qr(g)
+    q -= q.mean(0, keepdim=True)  # exact orthogonality to 1 up to float64 rounding
+    return q
+
+
+@contextlib.contextmanager
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bf16_zero_sum_rows(w: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to bf16-representable values (returned as float32) with every row's exact
+    sum zero (or a few bf16 ulps of its smallest entries): a bf16 matmul with fp32 accumulation
+    then maps any multiple of the all-ones vector to zero.  Rows are corrected entry by entry,
+    largest first, each entry absorbing as much of the row's residual as its precision allows."""
+    w64 = w.to(torch.float64)
+    out = w64.to(torch.bfloat16).to(torch.float64)
+    residual = out.sum(1)  # exact: float64 holds sums of a few hundred bf16 values exactly enough
+    order = w64.abs().argsort(dim=1, descending=True)
+    rows = torch.arange(w.shape[0])
+    for j in range(w.shape[1]):
+        col = order[:, j]
+        old = out[rows, col]
+        new = (old - residual).to(torch.bfloat16).to(torch.float64)
+        out[rows, col] = new
+        residual = residual - old + new
+    return out.to(torch.float32)
+
+
+def _hash_rows(strings: list[bytes], n: int, table: int, buckets: int, prime: int) -> torch.Tensor:
+    """Rows of the fused table for n-byte ``strings`` in n-gram table ``table``: transformers'
+    own ``byte_group_hash_function`` on their BLT ids."""
+    from transformers.models.blt.modeling_blt import byte_group_hash_function
+
+    if not strings:
+        return torch.zeros(0, dtype=torch.long)
+    ids = torch.tensor([[b + OFFSET for b in s] for s in strings], dtype=torch.long)
+    return byte_group_hash_function(ids, n, prime, buckets)[:, -1] + table * buckets
+
+
+def _ids_rows(ids: torch.Tensor, n: int, table: int, buckets: int, prime: int) -> torch.Tensor:
+    from transformers.models.blt.modeling_blt import byte_group_hash_function
+
+    return byte_group_hash_function(ids, n, prime, buckets)[:, -1] + table * buckets
+
+
+def encoder_zeroed(config) -> list[str]:
+    """The encoder weights the warm start zeroes: each local layer's attention output and MLP
+    down projection (identity layers), and the cross-attention output projections."""
+    enc = config.encoder_config
+    names = []
+    for i in range(enc.num_hidden_layers):
+        names += [f"model.local_encoder.layers.{i}.self_attn.o_proj.weight",
+                  f"model.local_encoder.layers.{i}.mlp.down_proj.weight"]
+    n_cross = enc.num_hidden_layers if enc.cross_attn_all_layers else 1
+    names += [f"model.local_encoder.cross_attn_layers.{j}.o_proj.weight" for j in range(n_cross)]
+    return names
+
+
+def check_applicable(config) -> None:
+    """The warm start needs the encoder's patch outputs to be the global transformer's inputs
+    (``encoder width x cross_attn_k = global width``) and a single cross-attention (no
+    ``cross_attn_all_layers`` in the encoder)."""
+    d, k, D = config.encoder_config.hidden_size, config.cross_attn_k, config.global_config.hidden_size
+    if d * k != D:
+        raise ByteifyError(f"vocab_warm_start: encoder.hidden_size {d} x cross_attn_k {k} must equal the global "
+                           f"hidden size {D} (BLT's patch projection feeds the global transformer directly)")
+    if config.encoder_config.cross_attn_all_layers:
+        raise ByteifyError("vocab_warm_start: needs the encoder's single cross-attention (cross_attn_all_layers false)")
+    if min(config.encoder_hash_byte_group_size) < 1:
+        raise ByteifyError("vocab_warm_start: n-gram sizes must be positive")
+
+
+def grid(offset: float, max_step: int) -> tuple[int, int]:
+    """(m, b): content clipped to +-m grid units and ``b`` units of offset per byte of length,
+    the largest m with ``b = round(offset * 2m)`` and ``b * max_step + 2m <= GRID_LIMIT`` (every
+    telescoped entry then fits bf16's exact-integer range)."""
+    m = max(1, int(GRID_LIMIT // (2 * (offset * max_step + 1))))
+    while m > 1 and round(offset * 2 * m) * max_step + 2 * m > GRID_LIMIT:
+        m -= 1
+    return m, max(1, round(offset * 2 * m))
+
+
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, counts: torch.Tensor | None = None,
+                    log=None, keep_token_vectors: bool = False) -> WarmStart:
+    """Compute the warm start for a BLT ``config`` from the source ``tokenizer`` and its input
+    embeddings, read twice as row blocks from ``embedding_blocks()`` (a callable returning an
+    iterator of [rows, D] tensors).  ``spec``: the preset's ``vocab_warm_start``.  ``counts``:
+    token counts (None: from ``spec.frequencies``).  Memory: the D x D Gram matrix, the d-wide
+    content of every token and the written entries (at most one per token), float32.
+    ``keep_token_vectors``: also return every token's F(v) (tests, diagnostics)."""
+    check_applicable(config)
+    d, k = config.encoder_config.hidden_size, config.cross_attn_k
+    D = d * k
+    sizes = list(config.encoder_hash_byte_group_size)
+    buckets = config.encoder_hash_byte_group_vocab
+    n_max = max(sizes)
+    token_bytes = token_byte_strings(tokenizer)
+    stats: dict = {}
+
+    # 1. weights and the weighted Gram matrix -> U
+    vocab = None
+    gram = torch.zeros(D, D, dtype=torch.float64)
+    if counts is None and spec.frequencies == "corpus":
+        n_rows = sum(int(b.shape[0]) for b in embedding_blocks())
+        counts = token_counts(tokenizer, n_rows)
+    start = 0
+    for block in embedding_blocks():
+        e = block.to(torch.float64)
+        if e.shape[1] != D:
+            raise ByteifyError(f"vocab_warm_start: source embeddings are {e.shape[1]} wide, the global transformer {D}")
+        w = (counts[start:start + len(e)] + 1.0) if counts is not None else torch.ones(len(e), dtype=torch.float64)
+        gram += (e * w[:, None]).T @ e
+        start += len(e)
+    vocab = start
+    weights = (counts[:vocab] + 1.0) if counts is not None else torch.ones(vocab, dtype=torch.float64)
+    with _one_thread():  # small dense linear algebra: threads only wait on each other (12 s vs 0.07 s)
+        evals, evecs = torch.linalg.eigh(gram)
+    r = min(spec.rank or d - 1, d - 1, D)
+    u = evecs[:, -r:].flip(1)  # D x r, largest first
+    stats["rank"] = r
+    stats["energy_kept"] = float(evals[-r:].sum() / evals.sum())
+    basis = rotated_basis(d, r, seed)  # d x r
+    proj = u @ basis.T  # D x d: e -> content (before scaling)
+
+    # 2. content of every token, its frequency-weighted per-coordinate spread
+    content = torch.empty(vocab, d, dtype=torch.float32)
+    start = 0
+    for block in embedding_blocks():
+        content[start:start + len(block)] = (block.to(torch.float64) @ proj).to(torch.float32)
+        start += len(block)
+    sigma = float(((content.pow(2).sum(1).double() * weights).sum() / (weights.sum() * d)).sqrt())
+    if not sigma > 0:
+        raise ByteifyError("vocab_warm_start: the source embeddings are all zero")
+
+    # 3. lengths, offsets, the grid
+    lengths = torch.tensor([len(b) if (b is not None and i < vocab) else 0 for i, b in enumerate(token_bytes)]
+                           + [0] * max(0, vocab - len(token_bytes)), dtype=torch.long)[:vocab]
+    representable = set(sizes) | {1}
+    suffix_rule = spec.long_tokens == "suffix"
+    lam = torch.where(lengths > n_max, torch.full_like(lengths, n_max + 1 if suffix_rule else 0), lengths)
+    lam_max = n_max + 1 if suffix_rule else n_max
+    c0 = (lam_max + 1) // 2
+    m, b = grid(spec.offset, lam_max - 1)
+    gain = m / (spec.clip * sigma)  # grid units per unit of content
+    content.mul_(gain)  # float32 from here on: grid values are small integers, exact
+    stats["clipped_fraction"] = float(((content.abs() > m).double().mean(1) * weights).sum() / weights.sum())
+    content.clamp_(-m, m)
+    if spec.bf16_exact:
+        content.round_()
+    content_units = content
+
+    def f_units(ids: torch.Tensor, lam_ids: torch.Tensor) -> torch.Tensor:
+        return b * (lam_ids.float() - c0)[:, None] + content_units[ids]
+
+    # 4. byte embeddings: bytes that are tokens get F; specials; the rest the offset of length 1
+    priority = (counts[:vocab] if counts is not None else torch.zeros(vocab, dtype=torch.float64)).tolist()
+    by_string: dict[bytes, int] = {}
+    for i in sorted(range(vocab), key=lambda i: (-priority[i], i)):
+        s = token_bytes[i] if i < len(token_bytes) else None
+        if s:
+            by_string.setdefault(s, i)
+    byte_units = torch.zeros(VOCAB_SIZE, d, dtype=torch.float32)
+    byte_units[:] = b * (1 - c0)
+    for x in range(256):
+        tid = by_string.get(bytes([x]))
+        if tid is not None:
+            byte_units[x + OFFSET] = f_units(torch.tensor([tid]), torch.tensor([1]))[0]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    for blt_id, tid in ((BOS_ID, bos), (EOS_ID, eos)):
+        if tid is not None and tid < vocab:
+            byte_units[blt_id] = f_units(torch.tensor([tid]), torch.tensor([1]))[0]
+    for blt_id in (BOE_ID, PAD_ID):  # padding: below every token, never selected
+        byte_units[blt_id] = b * (0 - c0)
+    stats["bytes_without_token"] = sum(1 for x in range(256) if bytes([x]) not in by_string)
+
+    # 5. writers, n-gram size by size; entries against the realised sums
+    sizes_sorted = sorted(set(n for n in sizes if n >= 2))
+    table_of = {n: sizes.index(n) for n in sizes_sorted}  # the first function's tables
+    prime = PRIMES[0]
+    total_rows = config.encoder_hash_byte_group_nb_functions * len(sizes) * buckets
+    slot = torch.full((total_rows,), -1, dtype=torch.int32)  # table row -> entry index
+    entry_blocks: list[torch.Tensor] = []
+    row_blocks: list[torch.Tensor] = []
+    owner_blocks: list[torch.Tensor] = []
+    n_entries = 0
+    # reserve the BOS n-grams (left padding + BOS): they stay zero, so the BOS patch is exact
+    for n in sizes_sorted:
+        row = int(_ids_rows(torch.tensor([[BOE_ID] * (n - 1) + [BOS_ID]]), n, table_of[n], buckets, prime)[0])
+        if slot[row] < 0:
+            slot[row] = n_entries
+            entry_blocks.append(torch.zeros(1, d, dtype=torch.float32))
+            row_blocks.append(torch.tensor([row]))
+            owner_blocks.append(torch.tensor([-1]))
+            n_entries += 1
+    long_count = int((lengths > n_max).sum())
+    unrepresented = 0
+    stats["collisions"] = {}
+    stats["written"] = {}
+    stats["long_tokens"] = {"count": long_count, "rule": spec.long_tokens, "written": 0, "shared_suffix": 0}
+    groups: dict[int, dict[bytes, list[int]]] = {n: {} for n in sizes_sorted}
+    for i in range(vocab):
+        s = token_bytes[i] if i < len(token_bytes) else None
+        if not s or len(s) == 1:
+            continue
+        if len(s) > n_max:
+            if suffix_rule and n_max in groups:
+                groups[n_max].setdefault(s[-n_max:], []).append(i)
+            continue
+        if len(s) not in representable:
+            unrepresented += 1
+            continue
+        groups[len(s)].setdefault(s, []).append(i)
+    stats["unrepresented_lengths"] = unrepresented
+    for n in sizes_sorted:
+        keys = list(groups[n])
+        winners, prio = [], []
+        for key in keys:
+            members = groups[n][key]
+            exact = [i for i in members if lengths[i] == n]
+            pool = exact or members
+            best = min(pool, key=lambda i: (-priority[i], i))
+            winners.append(best)
+            prio.append(sum(priority[i] for i in members))
+            if not exact:
+                stats["long_tokens"]["shared_suffix"] += len(members) - 1
+        order = sorted(range(len(keys)), key=lambda j: (-prio[j], winners[j]))
+        keys = [keys[j] for j in order]
+        winners = [winners[j] for j in order]
+        rows = _hash_rows(keys, n, table_of[n], buckets, prime)
+        won, lost = [], 0
+        for j, row in enumerate(rows.tolist()):
+            if slot[row] != -1:  # a reserved row, or an earlier (more frequent) writer of this size
+                lost += 1
+                continue
+            slot[row] = -2  # claimed; index assigned below
+            won.append(j)
+        stats["collisions"][n] = lost
+        stats["written"][n] = len(won)
+        if not won:
+            continue
+        won_keys = [keys[j] for j in won]
+        won_ids = torch.tensor([winners[j] for j in won])
+        won_rows = rows[won]
+        # S(key[1:]): byte embedding of the last byte + realised shorter buckets
+        last = torch.tensor([key[-1] + OFFSET for key in won_keys])
+        s_units = byte_units[last].clone()
+        key_ids = torch.tensor([[x + OFFSET for x in key] for key in won_keys], dtype=torch.long)
+        for mm in sizes_sorted:
+            if mm >= n:
+                break
+            sub_rows = _ids_rows(key_ids[:, -mm:], mm, table_of[mm], buckets, prime)
+            idx = slot[sub_rows].long()
+            hit = idx >= 0
+            if hit.any():
+                flat = torch.cat(entry_blocks) if len(entry_blocks) > 1 else entry_blocks[0]
+                entry_blocks = [flat]
+                s_units[hit] += flat[idx[hit]]
+        lam_ids = lam[won_ids] if n == n_max else torch.full((len(won),), n, dtype=torch.long)
+        entries = f_units(won_ids, lam_ids) - s_units
+        slot[won_rows] = torch.arange(n_entries, n_entries + len(won), dtype=torch.int32)
+        entry_blocks.append(entries)
+        row_blocks.append(won_rows)
+        owner_blocks.append(won_ids)
+        n_entries += len(won)
+        if n == n_max:
+            stats["long_tokens"]["written"] = int((lengths[won_ids] > n_max).sum())
+    del slot
+    token_vectors = f_units(torch.arange(vocab), lam) * UNIT if keep_token_vectors else None
+    del content_units, content
+    entries = torch.cat(entry_blocks) if entry_blocks else torch.zeros(0, d, dtype=torch.float32)
+    rows = torch.cat(row_blocks) if row_blocks else torch.zeros(0, dtype=torch.long)
+    owners = torch.cat(owner_blocks) if owner_blocks else torch.zeros(0, dtype=torch.long)
+    order = rows.argsort()
+    rows, entries, owners = rows[order], entries[order], owners[order]
+    stats["entries"] = int(len(rows))
+    stats["max_abs_units"] = float(entries.abs().max()) if len(entries) else 0.0
+    stats["exact_in_bf16"] = bool(spec.bf16_exact and stats["max_abs_units"] <= GRID_LIMIT)
+
+    # 6. the projection: content units -> U U^T e
+    projection = u @ basis.T / (2.0 * gain * UNIT)  # D x d
+    projection = bf16_zero_sum_rows(projection) if spec.bf16_exact else projection.to(torch.float32)
+    stats.update({"grid_content_units": m, "offset_units_per_byte": b, "centre": c0, "unit": UNIT,
+                  "content_std": sigma, "gain": gain, "frequencies": "corpus" if counts is not None else "uniform",
+                  "max_offset_length": lam_max})
+    if log:
+        log(f"warm start: {stats['entries']:,} table entries, collisions {stats['collisions']}")
+    return WarmStart(byte_embeddings=(byte_units * UNIT).to(torch.float32), rows=rows,
+                     entries=(entries * UNIT).to(torch.float32), projection=projection,
+                     zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors)
+
+
+class SparseHashTable(torch.nn.Module):
+    """The fused hash table of a :class:`WarmStart` as a module that ``compute_hash_embeddings``
+    can call in place of the dense ``nn.Embedding`` (same values, no dense table): for measuring
+    configurations whose table would not fit in memory."""
+
+    def __init__(self, ws: WarmStart, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_buffer("rows", ws.rows.clone())
+        self.register_buffer("entries", torch.cat([ws.entries, torch.zeros(1, ws.entries.shape[1])]).to(dtype))
+        self.embedding_dim = ws.entries.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.searchsorted(self.rows, ids.reshape(-1)).clamp(max=max(len(self.rows) - 1, 0))
+        hit = self.rows[pos] == ids.reshape(-1) if len(self.rows) else torch.zeros_like(ids.reshape(-1), dtype=torch.bool)
+        pos = torch.where(hit, pos, torch.full_like(pos, len(self.rows)))
+        return self.entries[pos].reshape(*ids.shape, self.embedding_dim)
+
+
+def format_stats(stats: dict) -> str:
+    """One line for ``byteify convert``."""
+    written = stats.get("written", {})
+    coll = sum(stats.get("collisions", {}).values())
+    lt = stats.get("long_tokens", {})
+    return (f"vocab warm start: {stats.get('entries', 0):,} hash-table entries (n={min(written, default='-')}.."
+            f"{max(written, default='-')}), {coll:,} lost to collisions; {lt.get('count', 0):,} tokens longer than the "
+            f"largest n ({lt.get('rule')}: {lt.get('written', 0):,} written); rank {stats.get('rank')} keeps "
+            f"{100 * stats.get('energy_kept', 0):.1f}% of the {stats.get('frequencies')}-weighted embedding energy; "
+            f"{'exact in bf16' if stats.get('exact_in_bf16') else 'not bf16-exact'}; {stats.get('seconds', 0):.1f}s")
+
+
+def longest_suffix_tokens(data: bytes, token_bytes: list[bytes | None], max_len: int | None = None) -> list[int]:
+    """For each byte of ``data``, the id of the longest vocabulary token (at most ``max_len``
+    bytes) that ends there, or -1 (reference for tests and diagnostics; quadratic in the token
+    length, fine for short texts)."""
+    by_string: dict[bytes, int] = {}
+    for i, s in enumerate(token_bytes):
+        if s:
+            by_string.setdefault(s, i)
+    longest = max(len(s) for s in by_string)
+    if max_len is not None:
+        longest = min(longest, max_len)
+    out = []
+    for t in range(len(data)):
+        best = -1
+        for n in range(min(longest, t + 1), 0, -1):
+            tid = by_string.get(data[t - n + 1: t + 1])
+            if tid is not None:
+                best = tid
+                break
+        out.append(best)
+    return out
