@@ -150,6 +150,8 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. stages.0.steps=50 model=runs/blt")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and print the plan, then exit")] = False,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (newest checkpoint of output_dir) or a checkpoint path")] = None,
+    world_size: Annotated[Optional[int], typer.Option(help="--dry-run: the number of GPUs to estimate for (default: WORLD_SIZE or 1)")] = None,
+    gpu_memory: Annotated[float, typer.Option(help="--dry-run: GB of memory per GPU to warn against")] = 80.0,
 ):
     """Run a recipe: stages of byte-ifying training with checkpoints and resume.  Works under torchrun (FSDP2)."""
     from byteify.train.recipe import load_recipe
@@ -158,7 +160,7 @@ def train(
     if dry_run:
         from byteify.train.plan import plan
 
-        typer.echo(plan(rec))
+        typer.echo(plan(rec, world_size, gpu_memory))
         return
     from byteify.train.trainer import Interrupted, Trainer
 

@@ -33,6 +33,8 @@ from .errors import ByteifyError
 from .tokenizer import BOE_ID, BOS_ID, EOS_ID, IGNORE_INDEX, OFFSET
 
 LN2 = math.log(2.0)
+DEFAULT_HELD_OUT = "default:val"  # --data name: the held-out documents of the embedded corpus
+BOUND_TARGET = 1.6  # the step-0 gate: the teacher-forced bound within 1.6x of the exact-embedding figure
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,8 +415,6 @@ def format_report(r: EvalReport) -> str:
 
 # ------------------------------------------------------------------------------------------
 # The step-0 gate: what the transplanted global transformer can make of the encoder's patch vectors.
-DEFAULT_HELD_OUT = "default:val"  # --data name: the held-out documents of the embedded corpus
-BOUND_TARGET = 1.6  # the gate: the bound within 1.6x of the exact-embedding figure
 
 
 def held_out_corpus(max_bytes: int | None = None, val_fraction: float = 0.05, seed: int = 0) -> list[bytes]:

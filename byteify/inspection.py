@@ -75,7 +75,7 @@ def inspect_model(model_dir: str | Path, patch_size: float | None = None) -> Ins
     for p in PARTS:
         parts[p].dtypes = tuple(sorted(dtypes[p]))
     total = sum(s.params for s in parts.values())
-    from .train.plan import training_state_bytes
+    from .train.budget import training_state_bytes
 
     # everything trains but the entropy model (the recipes' end-to-end stage)
     memory = training_state_bytes(total - parts["entropy_model"].params, parts["entropy_model"].params)

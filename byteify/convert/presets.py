@@ -65,6 +65,9 @@ class WarmStartSpec(_Strict):
     # length offset per byte, in units of the clipped content's range: >= 1 makes amax selection exact
     offset: float = Field(1.0, gt=0)
     rank: int | None = Field(None, ge=1)  # None: encoder width - 1
+    # write only this many multi-byte tokens, the most frequent (corpus counts, then BPE order): fewer
+    # occupied buckets, so fewer non-token n-grams that land on one; None: every token
+    max_tokens: int | None = Field(None, ge=0)
     # content and offsets on a grid exact in bf16 (and a projection whose bf16 rows sum to zero)
     bf16_exact: bool = True
 

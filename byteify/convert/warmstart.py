@@ -368,9 +368,14 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     stats["written"] = {}
     stats["long_tokens"] = {"count": long_count, "rule": spec.long_tokens, "written": 0, "shared_suffix": 0}
     groups: dict[int, dict[bytes, list[int]]] = {n: {} for n in sizes_sorted}
+    allowed = None
+    if spec.max_tokens is not None:  # only the most frequent multi-byte tokens get a bucket
+        multi = [i for i in range(min(vocab, len(token_bytes))) if token_bytes[i] and len(token_bytes[i]) > 1]
+        allowed = set(sorted(multi, key=lambda i: (-priority[i], i))[: spec.max_tokens])
+        stats["max_tokens"] = spec.max_tokens
     for i in range(vocab):
         s = token_bytes[i] if i < len(token_bytes) else None
-        if not s or len(s) == 1:
+        if not s or len(s) == 1 or (allowed is not None and i not in allowed):
             continue
         if len(s) > n_max:
             if suffix_rule and n_max in groups:

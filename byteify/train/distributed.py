@@ -27,7 +27,7 @@ class Dist:
 
     @property
     def sharded(self) -> bool:
-        return self.world > 1
+        return self.mesh is not None
 
     def all_sum(self, *values: float) -> list[float]:
         if self.world == 1:
@@ -54,7 +54,7 @@ class Dist:
 
     def close(self) -> None:
         """Tear the process group down (gloo aborts a process that exits with it alive)."""
-        if self.world > 1 and torch.distributed.is_initialized():
+        if self.mesh is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -70,15 +70,21 @@ def device_for(pref: str) -> torch.device:
     return dev
 
 
-def setup_distributed(device_pref: str) -> Dist:
-    """The process group and device mesh when ``WORLD_SIZE`` > 1 (torchrun), else one process."""
+def setup_distributed(device_pref: str, always: bool = False) -> Dist:
+    """The process group and device mesh when ``WORLD_SIZE`` > 1 (torchrun) or ``always`` (FSDP2
+    in one process, e.g. to check the sharded path on one GPU), else one plain process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not always:
         return Dist(device=device_for(device_pref))
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1:  # a one-process group outside torchrun
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     cuda = device_for(device_pref).type == "cuda"
     if cuda:
         torch.cuda.set_device(local)

@@ -1,6 +1,6 @@
 """``byteify train --dry-run``: the plan of a recipe, stage by stage, from the model built on the
-meta device (nothing is loaded, no data is read), and the one training-memory estimate byteify
-prints (also used by ``byteify inspect``)."""
+meta device (nothing is loaded, no data is read), with the per-GPU budget of
+:mod:`byteify.train.budget`; and the training-state size ``byteify inspect`` prints."""
 
 from __future__ import annotations
 
@@ -15,19 +15,17 @@ from .model import apply_stage, param_counts
 from .recipe import Recipe, parts_for
 
 
-def training_state_bytes(trainable: int, frozen: int, world: int = 1) -> int:
-    """Bytes of training state per process: fp32 master weights of every parameter, fp32
-    gradients and two fp32 AdamW moments of the trainable ones, sharded over ``world``
-    processes (FSDP2).  Activations come on top."""
-    return (4 * (trainable + frozen) + 12 * trainable) // world
-
-
-def plan(recipe: Recipe) -> str:
+def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str:
+    """The dry run: stage by stage, parameters and learning rates per part, and the per-GPU
+    budget (:mod:`byteify.train.budget`) for ``world`` processes (default: ``WORLD_SIZE``)."""
     from transformers import AutoConfig, BltForCausalLM
+
+    from .budget import budget_lines, stage_budget
 
     loc = locate(recipe.model)
     config = AutoConfig.from_pretrained(str(loc.config_dir))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    patch_bytes = float(loc.metadata.get("source_bytes_per_token") or 4.5)
     lines = [f"model: {recipe.model}", f"output_dir: {recipe.output_dir}",
              f"data: {', '.join(s.path for s in recipe.data.sources)}; seq_len {recipe.data.seq_len} bytes"]
     for stage in recipe.stages:
@@ -51,10 +49,9 @@ def plan(recipe: Recipe) -> str:
             c = counts[part]
             lr = f"{stage.lr * mults[part]:.2e}" if part in mults else "-"
             lines.append(f"  {part:<16}{c['trainable']:>14,}{c['frozen']:>14,}{lr:>11}")
-        mem = training_state_bytes(trainable, frozen, world)
-        lines.append(f"  memory estimate: {mem / 2**30:.2f} GiB per process (fp32 weights + grads + AdamW states of "
-                     f"trainable parameters{', sharded over ' + str(world) + ' processes' if world > 1 else ''}) "
-                     f"+ activations")
+        size = p.patch_size if p is not None and p.mode == "static" else patch_bytes
+        budget = stage_budget(config, counts, stage, recipe.data.seq_len, world, size)
+        lines += budget_lines(budget, recipe.run.activation_checkpointing, gpu_gib)
     if recipe.calibration is not None:
         c = recipe.calibration
         target = f"{c.target_bytes_per_patch} bytes per patch" if c.target_bytes_per_patch else "the source tokenizer's bytes per token"

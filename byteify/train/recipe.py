@@ -101,6 +101,7 @@ class StageSpec(_Strict):
 class FsdpSpec(_Strict):
     """FSDP2 under torchrun: mixed precision and resharding (see byteify.train.distributed)."""
 
+    shard: Literal["auto", "always"] = "auto"  # auto: under torchrun with 2+ processes; always: also in one process
     param_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # all-gather/compute dtype; auto: bf16 on CUDA, fp32 on CPU
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter dtype
     reshard_after_forward: bool = True  # False: keep layers gathered between forward and backward (faster, more memory)

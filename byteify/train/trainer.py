@@ -61,7 +61,7 @@ class Trainer:
         r = self.recipe
         if r.run.threads:
             torch.set_num_threads(r.run.threads)
-        self.dist: Dist = setup_distributed(r.run.device)
+        self.dist: Dist = setup_distributed(r.run.device, always=r.run.fsdp.shard == "always")
         self.state = {"global_step": 0, "stage_index": 0, "stage_step": 0, "bytes_seen": 0, "stage_name": r.stages[0].name}
         start = r.model
         if self.resume_from is not None:

@@ -243,3 +243,12 @@ def test_fsdp2_units_mixed_precision_and_gradient_sync(tiny_converted, tmp_path)
             "model.model.local_decoder.layers.1", "model.model.patcher.layers.1"} <= units
     assert all(p == ["torch.bfloat16", "torch.float32"] for p in got["policies"].values()), got["policies"]
     assert got["grads"] == [0, got["trainable"]]  # no reduce-scatter until the last micro-step
+
+
+def test_fsdp2_in_one_process_equals_the_plain_run(tiny_converted, tmp_path):
+    """run.fsdp.shard=always: the sharded path (FSDP2, DCP) in one process, as on one GPU."""
+    one_process(tiny_converted, tmp_path / "plain", "stages.0.steps=3")
+    one_process(tiny_converted, tmp_path / "fsdp", "stages.0.steps=3", "run.fsdp.shard=always")
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "fsdp")
+    assert all(abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5 for s in a)
+    assert_same_training_state(newest(tmp_path / "plain"), newest(tmp_path / "fsdp"))

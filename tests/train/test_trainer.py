@@ -232,7 +232,7 @@ def test_every_shipped_recipe_passes_dry_run(tiny_converted, name, tmp_path):
 
     res = CliRunner().invoke(cli.app, ["train", name, f"model={tiny_converted}", f"output_dir={tmp_path / 'r'}", "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "trainable" in res.output and "memory estimate" in res.output
+    assert "trainable" in res.output and "per-GPU estimate" in res.output
     assert not (tmp_path / "r").exists()
 
 
