@@ -77,13 +77,13 @@ class Trainer:
 
         self.config = AutoConfig.from_pretrained(str(self.location.config_dir))
         self.carried = None  # the weights the next stage starts from (None: the starting model's)
+        torch.manual_seed(r.seed)
+        self.val_rows, self.holdout = self._validation()  # also checks every source: bad data fails before any write
         if self.dist.main:
             import yaml
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.raw, sort_keys=False))
-        torch.manual_seed(r.seed)
-        self.val_rows, self.holdout = self._validation()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.writer = self._tensorboard()
         self.t_start = time.perf_counter()
