@@ -133,7 +133,7 @@ def copy_adapter(inp: Location, out: Path) -> None:
 
     from .resolve import TrainingShards
 
-    shards = TrainingShards(inp.sharded_dir, merge_lora=False)
+    shards = TrainingShards(inp.sharded_dir)
     out.mkdir()
     shutil.copyfile(inp.sharded_dir / "adapter_config.json", out / "adapter_config.json")
     save_file({k: shards.shards.get(v).contiguous() for k, v in shards.lora.items()}, str(out / "adapter_model.safetensors"),

@@ -79,7 +79,8 @@ class Location:
             if merge_lora and self.adapter_dir is not None:
                 return MergedWeights(base, LoraMerger.from_adapter_dir(self.adapter_dir))
             return base
-        return TrainingShards(self.sharded_dir, merge_lora)
+        shards = TrainingShards(self.sharded_dir)
+        return MergedWeights(shards, shards.lora_merger()) if merge_lora and shards.lora else shards
 
     @property
     def has_adapter(self) -> bool:
@@ -194,22 +195,16 @@ def init_rotary_buffers(model, device="cpu") -> None:
 
 class TrainingShards:
     """The model weights of a sharded training checkpoint under plain ``BltForCausalLM`` names,
-    read one tensor at a time; LoRA tensors (a LoRA stage) merged into the weights they adapt
-    when ``merge_lora`` (the adapter's config is ``adapter_config.json`` beside the shards)."""
+    read one tensor at a time (``lora``: the LoRA tensors of a LoRA stage, by peft's saved names)."""
 
-    def __init__(self, sharded_dir: Path, merge_lora: bool = True):
-        from .lora import LoraMerger
+    def __init__(self, sharded_dir: Path):
         from .modelfiles import ShardedTensors
         from .parts import adapter_key, plain_name
 
+        self.dir = sharded_dir
         self.shards = ShardedTensors(sharded_dir)
         self.names = {plain_name(k): k for k in self.shards.keys() if plain_name(k) is not None}
-        lora = {adapter_key(k): k for k in self.shards.keys() if plain_name(k) is None}
-        self.merger = None
-        if lora and merge_lora:
-            cfg = read_json(sharded_dir / "adapter_config.json")
-            self.merger = LoraMerger(cfg, {k: self.shards.get(v) for k, v in lora.items()}, str(sharded_dir))
-        self.lora = lora
+        self.lora = {adapter_key(k): k for k in self.shards.keys() if plain_name(k) is None}
 
     def keys(self) -> list[str]:
         return list(self.names)
@@ -218,8 +213,13 @@ class TrainingShards:
         return torch.float32  # training keeps fp32 master weights
 
     def get(self, name: str) -> torch.Tensor:
-        t = self.shards.get(self.names[name])
-        return self.merger.merge(name, t) if self.merger is not None and name in self.merger.pairs else t
+        return self.shards.get(self.names[name])
+
+    def lora_merger(self):
+        from .lora import LoraMerger
+
+        cfg = read_json(self.dir / "adapter_config.json")
+        return LoraMerger(cfg, {k: self.shards.get(v) for k, v in self.lora.items()}, str(self.dir))
 
 
 def load_source_tokenizer(where: str | Path | Location):

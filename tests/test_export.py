@@ -326,3 +326,55 @@ def test_checkpoint_model_dir_keeps_its_adapter_and_unsupported_adapters_refuse(
     assert res.exit_code == 2 and "DoRA" not in res.output and "use_dora" in res.output and "--no-merge-lora" in res.output
     res = invoke("export", copy, tmp_path / "c", "--no-merge-lora")
     assert res.exit_code == 0, res.output
+
+
+def test_export_of_a_sharded_mid_stage_checkpoint_streams_and_merges(blt, tmp_path, monkeypatch):
+    """A checkpoint in the middle of a LoRA stage holds only shards: export consolidates them one
+    tensor at a time (never two read tensors alive), merging the adapter, or copies it beside."""
+    import weakref
+
+    from byteify.modelfiles import ShardedTensors
+    from helpers import checkpoint_state, checkpoint_weights
+
+    text = tmp_path / "text.txt"
+    text.write_text(probe_text())
+    recipe, raw = load_recipe("tiny-cpu", [
+        f"model={blt}", f"output_dir={tmp_path / 'run'}", "run.progress=false", f"data.sources=[{{path: {text}}}]",
+        "stages.0.train=[local_decoder]", "stages.0.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+        "stages.0.steps=4", "stages.0.lr=1e-2", "stages.0.warmup_steps=0", "run.stop_after=2", "run.eval_every=4",
+        "data.seq_len=64", "stages.0.batch_bytes=256"])
+    ckpt = Path(Trainer(recipe, raw, log=lambda m: None).run()["checkpoint"])
+    assert not (ckpt / "model").exists() and (ckpt / "sharded" / ".metadata").exists()
+    live, peak = set(), {"n": 0, "reads": 0}
+    real_get = ShardedTensors.get
+
+    def tracking_get(self, name):
+        t = real_get(self, name)
+        if "lora_" not in name:  # the adapter's small A/B matrices are read once, up front
+            peak["reads"] += 1
+            live.add(peak["reads"])
+            weakref.finalize(t, live.discard, peak["reads"])
+            peak["n"] = max(peak["n"], len(live))
+        return t
+
+    monkeypatch.setattr(ShardedTensors, "get", tracking_get)
+    report = export(ckpt, tmp_path / "exp")
+    assert report.lora == "merged" and report.merged_modules == 4  # q, v in 2 layers
+    assert peak["n"] == 1 and peak["reads"] == len(load_file(str(tmp_path / "exp" / "model.safetensors")))
+    # merged == base + B @ A * alpha / r, from the shards themselves
+    state, base = checkpoint_state(ckpt)["model"], checkpoint_weights(ckpt)
+    name = "model.global_transformer.layers.1.self_attn.v_proj"
+    a = next(v for k, v in state.items() if name + ".lora_A" in k)
+    b = next(v for k, v in state.items() if name + ".lora_B" in k)
+    got = load_file(str(tmp_path / "exp" / "model.safetensors"))[name + ".weight"]
+    torch.testing.assert_close(got, base[name + ".weight"] + b @ a * 2.0, rtol=0, atol=1e-6)
+    # the exported directory loads with plain transformers and equals load_blt of the checkpoint
+    from byteify.resolve import load_blt
+
+    torch.testing.assert_close(logits(load(tmp_path / "exp")), logits(load_blt(ckpt)[1].eval()), rtol=0, atol=1e-6)
+    copied = export(ckpt, tmp_path / "copy", merge_lora=False)
+    assert copied.lora == "copied" and (tmp_path / "copy" / "adapter" / "adapter_model.safetensors").exists()
+    from peft import PeftModel
+
+    with_adapter = PeftModel.from_pretrained(load(tmp_path / "copy"), str(tmp_path / "copy" / "adapter")).merge_and_unload()
+    torch.testing.assert_close(logits(with_adapter.eval()), logits(load(tmp_path / "exp")), rtol=0, atol=1e-5)
