@@ -318,7 +318,9 @@ def calibrate(
     typer.echo(json.dumps(report, indent=2) if as_json else
                f"{patching} patching: {report['mean_bytes_per_patch']:.3f} bytes/patch (std {report['std_bytes_per_patch']:.3f} "
                f"over {report['windows']} windows, {report['bytes']:,} bytes)"
-               + (f"; source tokenizer: {report['source_bytes_per_token']:.3f} bytes/token" if report["source_bytes_per_token"] else ""))
+               + (f"; source tokenizer: {report['source_bytes_per_token']:.3f} bytes/token" if report["source_bytes_per_token"] else "")
+               + (f"; starts vs source-token starts: precision {report['boundaries']['precision']:.3f}, recall "
+                  f"{report['boundaries']['recall']:.3f}" if report["boundaries"] else ""))
 
 
 @app.command()

@@ -61,6 +61,7 @@ class Calibration:
     bytes: int
     patches: int
     reachable: bool = True  # False: the target lies outside what any threshold gives
+    boundaries: dict | None = None  # agreement with the source tokenizer's token starts (precision, recall, f1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +75,10 @@ class Calibration:
             line += f"; source tokenizer: {self.source_bytes_per_token:.3f} bytes/token"
         if not self.reachable:
             line += "; the target is out of reach, this is the closest"
+        if self.boundaries:
+            b = self.boundaries
+            line += (f"; patch starts vs source-token starts: precision {b['precision']:.3f}, recall {b['recall']:.3f}, "
+                     f"F1 {b['f1']:.3f}")
         return line
 
 
@@ -149,6 +154,20 @@ def tokenizer_bytes_per_token(tokenizer, ids: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------
 # Bisection
+
+
+def boundary_agreement(ids: torch.Tensor, starts: torch.Tensor, tokenizer) -> dict:
+    """Precision, recall and F1 of patch starts [N, T] against the source tokenizer's token starts
+    on the text bytes of windows ``ids`` (positions 0 and 1 and bytes after BOS/EOS, which every
+    patcher starts, are left out)."""
+    from .patchers import SourceTokenPatcher, forced_starts
+
+    truth = torch.cat([SourceTokenPatcher(tokenizer).starts(chunk) for chunk in ids.split(64)])
+    scored = (ids >= OFFSET) & ~forced_starts(ids)[:, : ids.shape[1]]
+    pred, true = starts[:, : ids.shape[1]] & scored, truth & scored
+    tp = int((pred & true).sum())
+    precision, recall = tp / max(int(pred.sum()), 1), tp / max(int(true.sum()), 1)
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
 
 
 def patch_stats(ids: torch.Tensor, starts: torch.Tensor) -> tuple[int, int, torch.Tensor]:
@@ -238,13 +257,15 @@ def calibrate(entropy_model, ids: torch.Tensor, *, target: float | None = None, 
         entropies = compute_entropies(entropy_model, ids, batch_size, progress)
     thr, reachable = find_threshold(entropies, ids, target, monotonic, max_patch_length)
     ev = _Evaluator(ids, entropies.float(), monotonic, max_patch_length)
-    n_bytes, n_patches, per = patch_stats(ids, ev.starts(thr))
+    starts = ev.starts(thr)
+    n_bytes, n_patches, per = patch_stats(ids, starts)
     mean = n_bytes / max(n_patches, 1)
     std = float(per.std(unbiased=False)) if per.numel() > 1 else 0.0
+    agreement = boundary_agreement(ids, starts, tokenizer) if tokenizer is not None else None
     return Calibration(threshold=thr, monotonic=monotonic, max_patch_length=max_patch_length,
                        target_bytes_per_patch=float(target), target_from=target_from, mean_bytes_per_patch=mean,
                        std_bytes_per_patch=std, source_bytes_per_token=bpt, windows=int(ids.shape[0]),
-                       bytes=n_bytes, patches=n_patches, reachable=reachable)
+                       bytes=n_bytes, patches=n_patches, reachable=reachable, boundaries=agreement)
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,4 +370,5 @@ def measure_patcher(model_dir: str | Path, ids: torch.Tensor, mode: str, *, thre
     return {"mode": patcher.describe(), "mean_bytes_per_patch": n_bytes / max(n_patches, 1),
             "std_bytes_per_patch": float(per.std(unbiased=False)) if per.numel() > 1 else 0.0,
             "windows": int(ids.shape[0]), "bytes": n_bytes, "patches": n_patches,
-            "source_bytes_per_token": tokenizer_bytes_per_token(tok, ids) if tok is not None else None}
+            "source_bytes_per_token": tokenizer_bytes_per_token(tok, ids) if tok is not None else None,
+            "boundaries": boundary_agreement(ids, starts, tok) if tok is not None else None}

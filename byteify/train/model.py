@@ -67,7 +67,7 @@ class TrainModule(nn.Module):
     losses a stage trains on, so FSDP2 sees one root forward per micro-step.
 
     * byte stages: ``forward(ids, labels, patcher=..., entropy_loss=...)`` -> (BLT nats,
-      entropy-model nats); the patch lengths come from ``patcher(ids)`` without gradients (inside
+      entropy-model nats[, boundary loss when ``boundaries`` are given]); the patch lengths come from ``patcher(ids)`` without gradients (inside
       the root forward, as FSDP2 wants every unit to be), ``patcher`` None skips the BLT loss (an
       entropy-model-only stage);
     * distillation: ``forward(..., distill=fn)`` runs ``fn(self.blt)`` inside the root forward."""
@@ -81,7 +81,7 @@ class TrainModule(nn.Module):
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def forward(self, input_ids, labels, patcher=None, entropy_loss=False, distill=None):
+    def forward(self, input_ids, labels, patcher=None, entropy_loss=False, distill=None, boundaries=None):
         if distill is not None:
             return distill(self.blt)
         blt_nats = ent_nats = input_ids.new_zeros((), dtype=torch.float32)
@@ -90,10 +90,34 @@ class TrainModule(nn.Module):
                 patch_lengths = patcher(input_ids)
             logits = self.model(input_ids=input_ids, patch_lengths=patch_lengths, use_cache=False).logits
             blt_nats = summed_nll(logits, labels)
+        extra = blt_nats
         if entropy_loss:
-            _, _, logits = self.blt.model.patcher(input_ids)
+            entropies, _, logits = self.blt.model.patcher(input_ids)
             ent_nats = summed_nll(logits, labels)
-        return blt_nats, ent_nats
+            if boundaries is not None:  # (targets, mask, spec): see BoundarySpec
+                extra = boundary_loss(entropies, *boundaries)
+        return (blt_nats, ent_nats) if boundaries is None else (blt_nats, ent_nats, extra)
+
+
+def boundary_loss(entropies: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec) -> torch.Tensor:
+    """Summed ``weight * BCE(sigmoid(sharpness * (H - threshold)), target)`` over ``mask``:
+    ``H[t]`` (nats) should exceed the threshold exactly where byte t+1 starts a source token."""
+    z = spec.sharpness * (entropies.float() - spec.threshold)
+    bce = F.binary_cross_entropy_with_logits(z, targets.float(), reduction="none")
+    return spec.weight * (bce * mask).sum()
+
+
+def boundary_targets(ids: torch.Tensor, source_patcher) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask) [B, T] for :func:`boundary_loss`: target t = byte t+1 starts a source token;
+    positions whose next byte is a forced start (after BOS/EOS, position 1) or padding are masked."""
+    from ..patching.patchers import forced_starts
+    from ..tokenizer import OFFSET
+
+    starts = source_patcher.starts_with_next(ids)[:, 1:]  # [B, T]: does position t+1 start
+    nxt = torch.cat([ids[:, 1:], ids.new_zeros(ids.shape[0], 1)], 1)
+    mask = (nxt >= OFFSET) & ~forced_starts(ids)[:, 1:]
+    mask[:, -1] = False  # the byte after the window is unknown
+    return starts & mask, mask
 
 
 def apply_stage(model, stage: StageSpec):

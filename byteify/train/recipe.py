@@ -60,6 +60,17 @@ class DistillSpec(_Strict):
     encoder_weight: float = Field(1.0, ge=0)
 
 
+class BoundarySpec(_Strict):
+    """Teach the entropy model where the source tokenizer starts a token: besides the byte LM
+    loss, its next-byte entropy ``H[t]`` is pushed above ``threshold`` where byte t+1 starts a
+    source token and below it elsewhere (``weight * BCE(sigmoid(sharpness * (H - threshold)))``),
+    so that stock BLT entropy patching (causal: from past bytes only) lands on token boundaries."""
+
+    threshold: float = Field(2.0, gt=0)  # nats
+    weight: float = Field(1.0, ge=0)
+    sharpness: float = Field(4.0, gt=0)  # per nat
+
+
 class StageSpec(_Strict):
     name: str = "adapt"
     train: list[Part] = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
@@ -77,6 +88,7 @@ class StageSpec(_Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     patching: PatchingSpec | None = None  # None: the recipe's patching (or the model's default)
     distill: DistillSpec | None = None
+    boundaries: BoundarySpec | None = None  # entropy model: learn the source tokenizer's boundaries
 
     @model_validator(mode="after")
     def _check(self):
@@ -86,6 +98,8 @@ class StageSpec(_Strict):
                                  "(no 'global' in train, no lora)")
             if not (self.distill.decoder or self.distill.encoder):
                 raise ValueError(f"stage '{self.name}': distill needs decoder and/or encoder true")
+        if self.boundaries is not None and "entropy_model" not in self.train:
+            raise ValueError(f"stage '{self.name}': 'boundaries' trains the entropy model; add entropy_model to 'train'")
         if not self.train and self.lora is None:
             raise ValueError(f"stage '{self.name}' trains nothing: list parts in 'train' or add 'lora'")
         if self.lora is not None and "global" in self.train:

@@ -82,16 +82,18 @@ class ByteStage:
         micro = [next(self.stream) for _ in range(ctx.stage.grad_accum)]
         (count,) = ctx.dist.all_sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
         scale = ctx.dist.world / max(count, 1)  # FSDP averages gradients over processes
-        blt_nats = ent_nats = 0.0
+        blt_nats = ent_nats = bound = 0.0
         for i, b in enumerate(micro):
             set_gradient_sync(ctx.module, i == len(micro) - 1)  # reduce-scatter once per step
-            blt, ent, _ = byte_losses(ctx, b)
-            ((blt + ent) * scale).backward()
-            blt_nats, ent_nats = blt_nats + float(blt.detach()), ent_nats + float(ent.detach())
-        blt_nats, ent_nats = ctx.dist.all_sum(blt_nats, ent_nats)
+            blt, ent, _, boundary = byte_losses(ctx, b)
+            ((blt + ent + boundary) * scale).backward()
+            blt_nats, ent_nats, bound = blt_nats + float(blt.detach()), ent_nats + float(ent.detach()), bound + float(boundary.detach())
+        blt_nats, ent_nats, bound = ctx.dist.all_sum(blt_nats, ent_nats, bound)
         extras = {}
         if "entropy_model" in ctx.stage.train and not ctx.entropy_only:
             extras["entropy_bpb"] = ent_nats / max(count, 1) / LN2
+        if ctx.stage.boundaries is not None:
+            extras["boundary_bce"] = bound / max(count, 1)
         loss = (ent_nats if ctx.entropy_only else blt_nats) / max(count, 1)
         return StepResult(loss, ctx.stage.batch_bytes, extras)
 
@@ -100,14 +102,27 @@ class ByteStage:
         return {"val_bpb": validate_bytes(self.ctx)}
 
 
-def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None):
-    """(BLT nats, entropy-model nats, labels) of a batch of packed byte sequences."""
+def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None, with_boundaries: bool = True):
+    """(BLT nats, entropy-model nats, labels, boundary loss) of a batch of packed byte sequences
+    (the boundary term when the stage has ``boundaries``, else 0)."""
     ids, labels = ctx.to_device(batch["input_ids"]), ctx.to_device(batch["labels"])
     if entropy_loss is None:
         entropy_loss = "entropy_model" in ctx.stage.train
+    boundaries = None
+    if entropy_loss and with_boundaries and ctx.stage.boundaries is not None:
+        from .model import boundary_targets
+
+        source = ctx.shared.get("source_token_patcher")
+        if source is None:
+            from ..patching.patchers import SourceTokenPatcher
+            from ..resolve import load_source_tokenizer
+
+            source = ctx.shared["source_token_patcher"] = SourceTokenPatcher(load_source_tokenizer(ctx.location))
+        boundaries = (*boundary_targets(ids, source), ctx.stage.boundaries)
     with ctx.autocast():
-        blt, ent = ctx.module(ids, labels, patcher=None if ctx.entropy_only else ctx.patcher, entropy_loss=entropy_loss)
-    return blt, ent, labels
+        out = ctx.module(ids, labels, patcher=None if ctx.entropy_only else ctx.patcher, entropy_loss=entropy_loss,
+                         boundaries=boundaries)
+    return out[0], out[1], labels, (out[2] if len(out) > 2 else out[0].new_zeros(()))
 
 
 @torch.no_grad()
@@ -119,7 +134,7 @@ def validate_bytes(ctx: StageContext) -> float:
     nats = count = 0.0
     for batch in validation_batches(ctx.val_rows, ctx.micro_batch, ctx.recipe.run.eval_batches,
                                     rank=ctx.dist.rank, world_size=ctx.dist.world):
-        blt, ent, labels = byte_losses(ctx, batch, entropy_loss=ctx.entropy_only)
+        blt, ent, labels, _ = byte_losses(ctx, batch, entropy_loss=ctx.entropy_only, with_boundaries=False)
         nats += float(ent if ctx.entropy_only else blt)
         count += float((labels != IGNORE_INDEX).sum())
     ctx.module.train()
