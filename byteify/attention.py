@@ -54,6 +54,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    fast_all,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+from transformers.models.blt.configuration_blt import BltLocalDecoderConfig, BltLocalEncoderConfig
+from transformers.models.blt.modeling_blt import BltCrossAttention
 
 MEMORY_EFFICIENT = "byteify_local"
 """The name this module registers with transformers' attention and mask interfaces."""
@@ -92,8 +103,6 @@ def local_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offse
                          allow_is_causal_skip: bool = True, use_vmap: bool = False, **kwargs):
     """transformers mask-interface function: a :class:`LocalWindow` for the plain sliding-window
     causal pattern, transformers' own ``sdpa_mask`` for anything else."""
-    from transformers.masking_utils import causal_mask_function, fast_all, prepare_padding_mask, sdpa_mask
-
     mask_function = mask_function or causal_mask_function
     if (local_size is not None and allow_is_causal_skip and not use_vmap
             and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == 0 and kv_offset == 0
@@ -342,9 +351,6 @@ def patch_cross_attention(query, key, value, mask: torch.Tensor, slots: int, pat
 def _cross_orientation(module, query, key, mask) -> bool | None:
     """True: BLT encoder cross-attention (patch slots query bytes); False: decoder (bytes query
     patch slots); None: not a BLT patch cross-attention with its dense mask."""
-    from transformers.models.blt.configuration_blt import BltLocalDecoderConfig, BltLocalEncoderConfig
-    from transformers.models.blt.modeling_blt import BltCrossAttention
-
     if not isinstance(module, BltCrossAttention) or not isinstance(mask, torch.Tensor):
         return None
     if mask.ndim != 4 or not mask.is_floating_point() or mask.shape[1] != 1:
@@ -365,8 +371,6 @@ def _cross_orientation(module, query, key, mask) -> bool | None:
 def memory_efficient_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                        scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention-interface function (same signature and return as ``sdpa``)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if isinstance(attention_mask, LocalWindow):
         groups = getattr(module, "num_key_value_groups", 1)
         out = windowed_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), attention_mask.window,
@@ -386,9 +390,6 @@ def memory_efficient_attention_forward(module, query, key, value, attention_mask
 def register() -> str:
     """Register :data:`MEMORY_EFFICIENT` with transformers' ``AttentionInterface`` and
     ``AttentionMaskInterface`` (idempotent; done on import).  Returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(MEMORY_EFFICIENT, memory_efficient_attention_forward)
     AttentionMaskInterface.register(MEMORY_EFFICIENT, local_attention_mask)
     return MEMORY_EFFICIENT

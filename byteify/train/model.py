@@ -143,16 +143,23 @@ def apply_stage(model, stage: StageSpec):
 
 def build_module(config, stage: StageSpec, dist, run) -> TrainModule:
     """The stage's training module with *uninitialised* parameters on the process's device:
-    built on the meta device, stage applied (freezing, LoRA), activation checkpointing, FSDP2
-    when there are several processes, then allocated; fill it with :func:`load_weights`."""
+    built on the meta device, stage applied (freezing, LoRA), attention kernels (``run.attention``),
+    activation checkpointing, FSDP2 when there are several processes, then allocated; fill it
+    with :func:`load_weights`."""
     from transformers import BltForCausalLM
 
     from ..resolve import init_rotary_buffers
     from .distributed import shard
 
+    from ..attention import configure_attention, use_attention
+
     with torch.device("meta"):
         model = apply_stage(BltForCausalLM(config), stage)
     blt = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if run.attention == "auto":
+        configure_attention(blt, dist.device)  # memory-efficient local attention on CUDA
+    else:
+        use_attention(blt, run.attention)
     if run.activation_checkpointing:
         blt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = TrainModule(model)

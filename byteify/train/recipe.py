@@ -136,6 +136,8 @@ class RunSpec(_Strict):
     threads: int | None = Field(None, ge=1)
     stop_after: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this global step")
     fsdp: FsdpSpec = FsdpSpec()
+    # attention kernels: auto = byteify's memory-efficient local attention on CUDA, transformers' sdpa elsewhere
+    attention: Literal["auto", "sdpa", "eager", "byteify_local"] = "auto"
     consolidate: Literal["stage_end", "always"] = "stage_end"  # when a checkpoint also gets a plain model/ directory
 
 

@@ -259,6 +259,15 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_losses(tiny_conv
         assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5
 
 
+def test_memory_efficient_attention_trains_like_stock(tiny_converted, tmp_path):
+    run(tiny_converted, tmp_path / "a", "stages.0.steps=3")
+    run(tiny_converted, tmp_path / "b", "stages.0.steps=3", "run.attention=byteify_local")
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    for s in (1, 2, 3):
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-5
+    assert abs(a[3]["val_bpb"] - b[3]["val_bpb"]) <= 1e-5
+
+
 def test_tensorboard_without_the_package_is_a_clear_error(tiny_converted, tmp_path, monkeypatch):
     import builtins
 
