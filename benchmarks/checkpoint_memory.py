@@ -69,7 +69,7 @@ def child(args) -> None:
     recipe_text = (ROOT / "recipes" / "llama-3.2-1b.yaml").read_text()
     sets = re.findall(r"--set (\S+)", recipe_text)
     source = SourceCheckpoint(path=ROOT, format="hf", architecture="LlamaForCausalLM", files=[], config=LlamaConfig(
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+        hidden_size=2048, num_hidden_layers=args.global_layers, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
         vocab_size=128256, max_position_embeddings=131072))
     config, _ = build_blt_config(source, load_spec("auto", sets))
     recipe, _ = load_recipe("llama-3.2-1b", ["model=.", "run.device=cpu", "run.activation_checkpointing=false",
@@ -77,15 +77,19 @@ def child(args) -> None:
     stage = recipe.stages[1]  # end to end: everything but the entropy model trains
     dist = setup_distributed("cpu")
     module = build_module(config, stage, dist, recipe.run)
+    log = lambda what: print(f"[rank {dist.rank}] {what}: RSS {rss() / 2**30:.2f} GiB", file=sys.stderr, flush=True)  # noqa: E731
+    log("module built")
     with torch.no_grad():
         for p in module.parameters():
             (p.to_local() if hasattr(p, "to_local") else p).normal_(0, 0.02)
     optimizer = build_optimizer(module, stage) if not args.no_optimizer else None
+    log("optimizer built")
     shard = sum(p.to_local().numel() * 4 for p in module.parameters())
     if optimizer is not None:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         get_state_dict(module, optimizer)  # allocates the AdamW moments (torch's own lazy init)
+        log("moments allocated")
         shard += sum(t.to_local().numel() * 4 for st in optimizer.state.values() for k, t in st.items() if k != "step")
     out = Path(args.work) / "ckpt"
     dist.barrier()
@@ -103,8 +107,9 @@ def child(args) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     with Peak() as gathered:
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        del full
+        if not args.no_gather:
+            full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            del full
     rows = dist.gather({"rank": dist.rank, "shard": shard, "before": before, "peak": sharded.peak,
                         "before_full": before_full, "peak_full": gathered.peak,
                         "params": sum(p.numel() for p in module.parameters())})
@@ -117,6 +122,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--no-optimizer", action="store_true", help="save the model only")
+    ap.add_argument("--global-layers", type=int, default=16, help="Llama-3.2-1B has 16; fewer to fit a small machine")
+    ap.add_argument("--no-gather", action="store_true", help="skip the full-gather contrast (it needs the whole model on rank 0)")
     ap.add_argument("--work", default="/tmp/byteify-ckpt-bench")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -127,21 +134,24 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     Path(args.work).mkdir(parents=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), __file__, "--child",
-           "--work", args.work] + (["--no-optimizer"] if args.no_optimizer else [])
+           "--work", args.work, "--global-layers", str(args.global_layers)] + (["--no-optimizer"] if args.no_optimizer else []) \
+        + (["--no-gather"] if args.no_gather else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0 or "RESULT" not in proc.stdout:
         sys.exit(proc.stderr[-3000:])
     rows = json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
     gib = lambda x: f"{x / 2**30:.2f}"  # noqa: E731
     what = "model" if args.no_optimizer else "model + AdamW moments"
-    print(f"Saving a ~1B-shaped BLT ({rows[0]['params'] / 1e9:.2f}B parameters, fp32; {what}) "
+    print(f"Saving a Llama-3.2-1B-shaped BLT with {args.global_layers} global layers ({rows[0]['params'] / 1e9:.2f}B "
+          f"parameters, fp32; {what}) "
           f"with {args.nproc} CPU processes (gloo):\n")
     print("| process | its shard (GiB) | RSS before (GiB) | peak during the sharded save (GiB) | above before | "
           "peak gathering the full model to rank 0 (GiB) | above before |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        full = "not run | -" if args.no_gather else f"{gib(r['peak_full'])} | {gib(r['peak_full'] - r['before_full'])}"
         print(f"| {r['rank']} | {gib(r['shard'])} | {gib(r['before'])} | {gib(r['peak'])} | {gib(r['peak'] - r['before'])} "
-              f"| {gib(r['peak_full'])} | {gib(r['peak_full'] - r['before_full'])} |")
+              f"| {full} |")
 
 
 if __name__ == "__main__":
