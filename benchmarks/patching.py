@@ -231,8 +231,8 @@ def bench_calibration(model_dir: Path, steps: int, work: Path, max_bytes: int) -
              ("space (BLT rule)", lambda ids, ent: SpacePatcher().starts_with_next(ids)),
              ("source tokens (SmolLM2 tokenizer)", lambda ids, ent: SourceTokenPatcher(tok).starts_with_next(ids))]
     bpt_val, bpt_tr = tokenizer_bytes_per_token(tok, val_ids), tokenizer_bytes_per_token(tok, tr_ids)
-    lines += [f"### Achieved bytes/patch on the demo corpus at the calibrated thresholds", "",
-              f"| patcher | held-out split: mean (std) | unseen training windows: mean (std) |", "|---|---:|---:|"]
+    lines += ["### Achieved bytes/patch on the demo corpus at the calibrated thresholds", "",
+              "| patcher | held-out split: mean (std) | unseen training windows: mean (std) |", "|---|---:|---:|"]
     for name, fn in table:
         a, sa = stats(val_ids, fn(val_ids, val_ent))
         b, sb = stats(tr_ids, fn(tr_ids, tr_ent))

@@ -32,8 +32,6 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str
         with torch.device("meta"):
             model = apply_stage(BltForCausalLM(config), stage)
         counts = param_counts(model)
-        trainable = sum(c["trainable"] for c in counts.values())
-        frozen = sum(c["frozen"] for c in counts.values())
         seqs = stage.batch_bytes // recipe.data.seq_len
         if (seqs // stage.grad_accum) % world:
             raise ByteifyError(f"stage '{stage.name}': {seqs // stage.grad_accum} sequences per micro-step do not split "

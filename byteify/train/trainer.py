@@ -25,13 +25,13 @@ import torch
 
 from ..data.streams import merge_states
 from ..errors import ByteifyError
+from ..modelfiles import read_json, write_json
 from ..parts import PARTS
 from ..patching.patchers import build_patcher
 from ..patching.spec import default_patching
 from ..resolve import Location, locate
 from . import checkpoints as ckpt
-from .distributed import Dist, setup_distributed, shard
-from ..modelfiles import read_json, write_json
+from .distributed import Dist, setup_distributed
 from .model import build_module, carried_weights, load_weights, param_counts
 from .optim import build_optimizer, build_scheduler, lr_lambda
 from .recipe import Recipe, StageSpec

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from byteify.train.distill import (AlignedWindows, ByteTrie, byte_kl, dense_targets, distill_losses, teacher_states,
+from byteify.train.distill import (AlignedWindows, ByteTrie, distill_losses, teacher_states,
                                   token_byte_strings)
 from byteify.parts import part_of
 from byteify.train.recipe import DistillSpec, load_recipe
@@ -101,7 +101,6 @@ def strings_of(tok, ids):
 
 def manual_reference(blt_model, teacher, batch, k):
     """Independent computation of the three losses with stock modules."""
-    from transformers.models.blt import modeling_blt
 
     # teacher states via transformers' own outputs
     out = teacher.model(batch.teacher_ids, output_hidden_states=True)
