@@ -3,9 +3,9 @@
 Usage: .venv/bin/python benchmarks/boundaries.py [--steps 100] [--work DIR] [--max-bytes 65536]
 
 On the real SmolLM2-135M (converted once into --work): trains the entropy model with the
-``entropy-model`` recipe as shipped (a byte LM, then its threshold calibrated to SmolLM2's bytes
-per token) and with the recipe's ``boundaries`` objective (its entropy pushed across a threshold
-where SmolLM2 starts a token, then calibrated the same way), and scores on the held-out split of
+``entropy-model`` recipe without its ``boundaries`` objective (a byte LM, then its threshold
+calibrated to SmolLM2's bytes per token) and as shipped (its entropy also pushed across a
+threshold where SmolLM2 starts a token, then calibrated the same way), and scores on the held-out split of
 the embedded corpus: precision / recall / F1 of patch starts against SmolLM2's token starts, and
 bytes per patch; next to a count table over the previous K bytes ("does the next byte start a
 token?", fitted on the training split: the reference's non-neural baseline) and static 4-byte
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/byteify-boundaries")
     ap.add_argument("--max-bytes", type=int, default=65536)
     ap.add_argument("--threshold", type=float, default=2.0)
+    ap.add_argument("--weight", type=float, default=4.0)
     args = ap.parse_args()
     from byteify.convert.sources import bundled_smollm2
     from byteify.data.streams import ByteBatches, decide_holdout
@@ -66,9 +67,10 @@ def main() -> None:
     ids = held_out_windows(["default"], 512, 0.05, 0, max_bytes=args.max_bytes)
     tok = load_source_tokenizer(blt)
     rows = []
-    for name, extra in (("entropy model, byte LM (today's recipe)", []),
-                        ("entropy model + boundary objective", [f"stages.0.boundaries={{threshold: {args.threshold}}}"])):
-        out = work / ("boundaries" if extra else "lm")
+    for name, key, extra in (("entropy model, byte LM only (the recipe before)", "lm", ["stages.0.boundaries=null"]),
+                             ("entropy model + boundary objective (the shipped recipe)", "boundaries",
+                              [f"stages.0.boundaries={{threshold: {args.threshold}, weight: {args.weight}}}"])):
+        out = work / key
         t = time.perf_counter()
         sh("train", "entropy-model", f"model={blt}", f"output_dir={out}", f"stages.0.steps={args.steps}",
            "run.progress=false", "--resume", "auto", *extra)
