@@ -115,7 +115,7 @@ def budget_lines(b: StageBudget, checkpointing: bool, gpu_gib: float = 80.0) -> 
     for ac in (True, False):
         mark = "  <- this recipe" if ac == checkpointing else ""
         lines.append(f"    total {'with' if ac else 'without'} activation checkpointing: {gib(b.total(ac))}; "
-                     f"~{b.bytes_per_second(ac) / 1e6:.2f} MB/s per GPU at {ASSUMED_MFU:.0%} MFU{mark}")
+                     f"~{b.bytes_per_second(ac) / 1e3:.0f} kB/s per GPU at {ASSUMED_MFU:.0%} MFU{mark}")
     if b.total(checkpointing) > gpu_gib * GIB:
         lines.append(f"  WARNING: {gib(b.total(checkpointing))} per GPU will not fit an {gpu_gib:.0f} GB GPU: lower the "
                      f"micro-batch (raise grad_accum), turn on run.activation_checkpointing, or use more processes")

@@ -52,7 +52,7 @@ def test_gpu_recipes_fit_an_80gb_gpu_on_8_gpus(name, tmp_path):
     text = plan(recipe, world=8)
     assert "WARNING" not in text, text
     assert len(totals(text)) == 2 and all(5 < t < 80 for t in totals(text)), totals(text)
-    assert "MB/s per GPU" in text and "16 x 8192-byte sequences per micro-step" in text
+    assert "kB/s per GPU" in text and "16 x 8192-byte sequences per micro-step" in text
 
 
 def test_budget_scales_with_world_size_checkpointing_and_micro_batch(tmp_path):
