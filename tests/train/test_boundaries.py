@@ -30,7 +30,7 @@ def test_boundary_training_makes_entropy_patches_land_on_token_starts(tmp_path):
     ids = held_out_windows(["default"], 256, 0.05, 0, max_bytes=32768)
     tok = load_source_tokenizer(blt)
     f1 = {}
-    for mode, extra in (("lm", ()), ("boundaries", ("stages.0.boundaries={threshold: 2.0}",))):
+    for mode, extra in (("lm", ("stages.0.boundaries=null",)), ("boundaries", ())):  # the recipe trains boundaries
         summary = train(blt, tmp_path / mode, *extra)
         cal = summary["calibration"]  # calibrated to the source's bytes per token, as always
         assert cal["boundaries"] is not None
@@ -39,7 +39,7 @@ def test_boundary_training_makes_entropy_patches_land_on_token_starts(tmp_path):
         agreement = boundary_agreement(ids, starts, tok)
         assert agreement["f1"] == pytest.approx(cal["boundaries"]["f1"], abs=0.05)  # held-out text either way
         f1[mode] = agreement["f1"]
-    assert f1["boundaries"] > f1["lm"] + 0.1, f1  # measured: 0.42 -> 0.65 after 60 steps
+    assert f1["boundaries"] > f1["lm"] + 0.1, f1  # measured: 0.47 -> 0.60 after 40 steps
 
 
 def test_boundaries_need_the_entropy_model_in_train():
