@@ -18,6 +18,18 @@ BOS if the source adds one), cut into windows of ``source_seq_len + 1`` tokens t
 the summed token NLL (nats) is divided by ln 2 and by the UTF-8 bytes the predicted tokens cover:
 all of the document's bytes when its first token is a special token (BOS), otherwise all but the
 bytes of that first, unpredicted token.
+
+**Step-0 gate** (``--teacher-forced-bound``, :func:`teacher_forced_bound`).  What the transplanted
+global transformer can make of the encoder's patch vectors, before any training: the source
+model (rebuilt from the converted directory: its layers, final norm and head) is fed the stock
+forward's patch vectors as ``inputs_embeds``, on windows of whole source tokens with one patch
+per token (``byteify.train.aligned``), and scored on the next token, next to the same model fed
+its own embeddings of the same tokens.  Token bits per byte over the predicted tokens' bytes;
+the gate passes when the bound is within 1.6x of the exact-embedding figure.  Source-token
+patches look ahead, so this is a bound on what the encoder delivers, not a byte-level figure;
+the true bits per byte of the converted model (a fresh decoder: ~8-9 before training) is the
+ordinary evaluation beside it.  ``--data default:val`` evaluates on the held-out documents of
+the embedded corpus (the recipes' split).
 """
 
 from __future__ import annotations
@@ -81,7 +93,7 @@ class EvalReport:
     blt: BltResult
     source: SourceResult | None = None
     notes: list[str] = field(default_factory=list)
-    bound: "BoundResult | None" = None  # the step-0 gate's teacher-forced bound (--teacher-forced-bound)
+    bound: BoundResult | None = None  # the step-0 gate's teacher-forced bound (--teacher-forced-bound)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -795,7 +795,6 @@ def matmul_ceiling(b: Bench, rows: Rows) -> None:
 def model_row(b: Bench, rows: Rows) -> None:
     """The shape, parameters per part and FLOPs per byte (analytic, and as torch's flop counter
     sees one eager step with the dense masks)."""
-    torch = b.torch
     with rows.guard("throughput", "model"):
         t0 = time.perf_counter()
         from byteify.train.model import param_counts
@@ -988,7 +987,7 @@ def microbatch_search(b: Bench, rows: Rows, attention: str | None, budget_s: flo
                  "trail " + ", ".join(trail) + ("" if b.cpu else "; one forward + backward + AdamW step per size "
                                                 "(fp32 master weights, bf16 autocast), peak = max allocated"),
                  seconds=time.perf_counter() - t0, largest=good, first_oom=bad, peaks_gib=peaks)
-        del module, optimizer
+        module = optimizer = None  # free before the next row (the closure above holds them)
         b.free()
 
 
@@ -1033,7 +1032,6 @@ def instrumented():
 
 
 def profile_step(b: Bench, rows: Rows, attention: str | None) -> None:
-    torch = b.torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 

@@ -68,6 +68,9 @@ class WarmStartSpec(_Strict):
     # write only this many multi-byte tokens, the most frequent (corpus counts, then BPE order): fewer
     # occupied buckets, so fewer non-token n-grams that land on one; None: every token
     max_tokens: int | None = Field(None, ge=0)
+    # write a token only where the other n-grams of the corpus that land in its bucket occur at most
+    # this many times as often as the token's own string (None: write regardless of bucket traffic)
+    noise_ratio: float | None = Field(1.0, ge=0)
     # content and offsets on a grid exact in bf16 (and a projection whose bf16 rows sum to zero)
     bf16_exact: bool = True
 
@@ -98,9 +101,12 @@ PRESETS: dict[str, dict] = {
         "hash": {"vocab_size": 512},
         "max_byte_positions": 4096,
     },
-    # The vocabulary warm start (byteify.convert.warmstart) with the sizes it needs: n-gram sizes
-    # from 2 (2-byte tokens), 131,072 buckets per size; the rest as 'auto'.
+    # The vocabulary warm start (byteify.convert.warmstart) with the sizes it needs: local width =
+    # global width (k = 1: the patch vectors keep rank D - 1 of the embeddings; the decoder, which
+    # reads the encoder's byte states, is as wide), n-gram sizes from 2 (2-byte tokens), 131,072
+    # buckets per size (SmolLM2: 528M table parameters; measured in benchmarks/warmstart_probe.py).
     "warm": {
+        "cross_attn_k": 1,
         "vocab_warm_start": {"enabled": True},
         "hash": {"ngram_sizes": [2, 3, 4, 5, 6, 7, 8], "vocab_size": 131072},
     },
@@ -169,6 +175,9 @@ def resolve(spec: ArchitectureSpec, global_hidden: int, global_params: int) -> A
     if s.patching.monotonic:
         raise ByteifyError("patching.monotonic: a model config can only carry the global entropy rule (stock "
                            "transformers); calibrate a monotonic threshold with 'byteify calibrate --monotonic'")
+    if s.encoder.hidden_size != s.decoder.hidden_size:  # BLT's decoder starts from the encoder's byte states
+        raise ByteifyError(f"encoder.hidden_size {s.encoder.hidden_size} != decoder.hidden_size {s.decoder.hidden_size}: "
+                           "BLT's local decoder reads the encoder's byte states, so both must be equally wide")
     for name, part in (("encoder", s.encoder), ("decoder", s.decoder), ("entropy", s.entropy)):
         if part.hidden_size % part.num_attention_heads:
             raise ByteifyError(

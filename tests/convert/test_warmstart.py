@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from byteify.cli import app
 from byteify.convert.presets import load_spec
 from byteify.convert.sources import open_source
-from byteify.convert.transplant import build_blt_config, convert
+from byteify.convert.transplant import build_blt_config
 from byteify.convert.warmstart import SparseHashTable, longest_suffix_tokens, plan_warm_start
 from byteify.parts import HASH_TABLE
 from byteify.tokenizer import BOS_ID, OFFSET, token_byte_strings
@@ -28,7 +28,8 @@ from helpers import make_hf_source
 from patching_helpers import corpus_texts, make_source_tokenizer, one_thread
 
 SIZES = "hash.ngram_sizes=[2,3,4,5,6,7,8]"
-WARM = ["vocab_warm_start.enabled=true", SIZES, "hash.vocab_size=8192"]
+# (noise_ratio off: its bucket traffic needs the stdlib part of the corpus, ~10 s to parse; tested apart)
+WARM = ["vocab_warm_start.enabled=true", SIZES, "hash.vocab_size=8192", "vocab_warm_start.noise_ratio=null"]
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +273,7 @@ def test_token_counts(setup):
 def test_convert_writes_the_plan(setup, converted, corpus_plan):
     """The converted directory holds exactly the planned tables and projection (corpus counts,
     seed 5), zeros where the encoder is an identity, and the statistics in byteify.json."""
-    config, ws = corpus_plan
+    _, ws = corpus_plan
     out = converted["fp32"]
     meta = json.loads((out / "byteify.json").read_text())
     assert meta["vocab_warm_start"]["entries"] == ws.stats["entries"]
@@ -347,10 +348,45 @@ def test_preset_and_errors(setup, tmp_path):
     assert r.exit_code == 2 and "did you mean 'vocab_warm_start.offset'" in r.stderr
     spec = load_spec("warm")
     assert spec.vocab_warm_start.enabled and 2 in spec.hash.ngram_sizes and spec.hash.vocab_size
+    config, _ = build_blt_config(open_source(setup.src), spec)
+    assert config.encoder_config.hidden_size == config.decoder_config.hidden_size == 64  # k = 1
+    r = runner.invoke(app, ["convert", str(setup.src), str(tmp_path / "w"), "--preset", "tiny", "--no-verify",
+                            "--set", "decoder.hidden_size=64"])
+    assert r.exit_code == 2 and "equally wide" in r.stderr
     r = runner.invoke(app, ["convert", str(setup.src), str(tmp_path / "y"), "--preset", "tiny", "--no-verify",
-                            "--set", "vocab_warm_start.enabled=true", "--set", "encoder.hidden_size=16"])
+                            "--set", "vocab_warm_start.enabled=true", "--set", "encoder.hidden_size=16",
+                            "--set", "decoder.hidden_size=16"])
     assert r.exit_code == 2 and "cross_attn_k" in r.stderr
     bare = make_hf_source(tmp_path / "bare", layers=1, vocab=96)  # no tokenizer
     r = runner.invoke(app, ["convert", str(bare), str(tmp_path / "z"), "--preset", "tiny", "--no-verify",
                             "--set", "vocab_warm_start.enabled=true"])
     assert r.exit_code == 2 and "tokenizer" in r.stderr
+
+
+def test_noise_ratio_leaves_busy_buckets_empty(setup):
+    """``noise_ratio``: a token is written only where the corpus's other n-grams that land in its
+    bucket occur at most ratio x as often as the token's own string (counted here independently)."""
+    from transformers.models.blt.modeling_blt import byte_group_hash_function
+
+    docs = [t.encode() for t in corpus_texts(6, offset=64)]
+    spec = load_spec("tiny", [*WARM, "hash.vocab_size=512", "vocab_warm_start.noise_ratio=0.5"])
+    config, resolved = build_blt_config(open_source(setup.src), spec)
+    ws = plan_warm_start(config, resolved.vocab_warm_start, setup.tok, lambda: iter(setup.emb.split(100)),
+                         counts=setup.counts, documents=docs)
+    assert sum(ws.stats["skipped_noisy"].values()) > 50
+    tb = token_byte_strings(setup.tok)
+    B, sizes = 512, config.encoder_hash_byte_group_size
+    hits = {n: torch.zeros(B, dtype=torch.long) for n in sizes}
+    framed = [bytes([0] * 7) + b"\x01" + d for d in docs]  # stand-ins for left padding and BOS
+    for d in docs:
+        ids = torch.tensor([[BOS_ID] + [x + OFFSET for x in d]])
+        for n in sizes:
+            hits[n] += torch.bincount(byte_group_hash_function(ids, n, 1000000007, B)[0], minlength=B)
+    for row, v in zip(ws.rows.tolist(), ws.owners.tolist()):
+        if v < 0:
+            continue
+        table, bucket = divmod(row, B)
+        n = sizes[table]
+        key = tb[v] if len(tb[v]) == n else tb[v][-n:]
+        own = sum(1 for f in framed for i in range(len(f) - n + 1) if f[i:i + n] == key)  # overlapping too
+        assert hits[n][bucket] - own <= 0.5 * own, (tb[v], int(hits[n][bucket]), own)
