@@ -334,7 +334,6 @@ def evaluate(
     (:func:`teacher_forced_bound`, the source rebuilt from the converted directory)."""
     from .modelfiles import parse_dtype
     from .patching.patchers import build_patcher
-    from .patching.spec import MODES, PatchingSpec, calibration_record, default_patching
     from .resolve import load_blt
     from .train.distributed import device_for
 
@@ -345,10 +344,35 @@ def evaluate(
     model.eval()
     meta = inp.metadata
     notes = []
+    spec = _patching_spec(model.config, meta, patching, patch_size, threshold, notes)
+    patcher = build_patcher(spec, model, model_dir=inp)
+    blt = evaluate_blt(model, docs, patcher, seq_len=seq_len, batch_size=batch_size, progress=progress)
+    bound = None
+    if teacher_forced:
+        bound = _step0_bound(inp, model, docs, torch_dtype, dev, seq_len=seq_len, batch_size=batch_size,
+                             progress=progress)
+    src_result = None
+    compared = _source_to_compare(source, use_recorded_source, meta, notes)
+    if compared is not None:
+        s, tok = compared
+        del model
+        src_model = load_source_model(s, torch_dtype, dev)
+        src_result = evaluate_source(src_model, tok, docs, seq_len=source_seq_len, batch_size=batch_size,
+                                     blt_seq_len=seq_len, progress=progress, name=str(s.path))
+    return EvalReport(model=str(model_path), data=[str(p) for p in data], documents=len(docs),
+                      text_bytes=sum(len(d) for d in docs), blt=blt, source=src_result, notes=notes, bound=bound)
+
+
+def _patching_spec(config, meta: dict, patching: str | None, patch_size: int, threshold: float | None,
+                   notes: list[str]):
+    """The patching to evaluate with: the model's default (a note when it is entropy patching with
+    an uncalibrated threshold), or ``patching`` with ``patch_size``; ``threshold`` overrides."""
+    from .patching.spec import MODES, PatchingSpec, calibration_record, default_patching
+
     if patching is None:
-        spec = default_patching(model.config, meta)
+        spec = default_patching(config, meta)
         if spec.mode == "entropy" and threshold is None and calibration_record(meta)[0] is None:
-            notes.append(f"patching: entropy with the config's uncalibrated threshold {model.config.patching_threshold:.4f} "
+            notes.append(f"patching: entropy with the config's uncalibrated threshold {config.patching_threshold:.4f} "
                          "(BLT's default; run 'byteify calibrate', or pass --patching static)")
     elif patching not in MODES:
         raise ByteifyError(f"--patching '{patching}': expected {', '.join(MODES)}")
@@ -356,19 +380,26 @@ def evaluate(
         spec = PatchingSpec(mode=patching, patch_size=patch_size)
     if threshold is not None:
         spec.threshold = threshold
-    patcher = build_patcher(spec, model, model_dir=inp)
-    blt = evaluate_blt(model, docs, patcher, seq_len=seq_len, batch_size=batch_size, progress=progress)
-    bound = None
-    if teacher_forced:
-        from .resolve import load_source_tokenizer
-        from .train.teacher import load_teacher
+    return spec
 
-        teacher = load_teacher(inp, torch_dtype).to(dev)
-        bound = teacher_forced_bound(model, teacher, load_source_tokenizer(inp), docs, seq_len=seq_len,
-                                     batch_size=batch_size, progress=progress)
-        del teacher
 
-    src_result = None
+def _step0_bound(inp, model, docs: list[bytes], torch_dtype: torch.dtype, dev, *, seq_len: int, batch_size: int,
+                 progress: bool) -> BoundResult:
+    """The step-0 gate's teacher-forced bound, the source rebuilt from the converted directory."""
+    from .resolve import load_source_tokenizer
+    from .train.teacher import load_teacher
+
+    teacher = load_teacher(inp, torch_dtype).to(dev)
+    bound = teacher_forced_bound(model, teacher, load_source_tokenizer(inp), docs, seq_len=seq_len,
+                                 batch_size=batch_size, progress=progress)
+    del teacher
+    return bound
+
+
+def _source_to_compare(source: str | None, use_recorded_source: bool, meta: dict, notes: list[str]):
+    """(the opened source, its tokenizer) to compare with: ``source``, else (``use_recorded_source``)
+    the one recorded at conversion when it still exists; None (with a note why) when there is none
+    or the recorded one ships no tokenizer.  An explicit ``source`` without a tokenizer is an error."""
     src = source
     if src is None and use_recorded_source:
         recorded = (meta.get("source") or {}).get("path")
@@ -376,23 +407,18 @@ def evaluate(
             src = recorded
         elif recorded:
             notes.append(f"source: recorded source {recorded} not found; pass --source to compare")
-    if src is not None:
-        from .convert.sources import open_source
+    if src is None:
+        return None
+    from .convert.sources import open_source
 
-        s = open_source(src)
-        tok = s.load_tokenizer()
-        if tok is None and source is None:
-            notes.append(f"source: recorded source {s.path} ships no tokenizer; not compared")
-            src = None
-        elif tok is None:
-            raise ByteifyError(f"{s.path}: the source ships no tokenizer that transformers can load")
-    if src is not None:
-        del model
-        src_model = load_source_model(s, torch_dtype, dev)
-        src_result = evaluate_source(src_model, tok, docs, seq_len=source_seq_len, batch_size=batch_size,
-                                     blt_seq_len=seq_len, progress=progress, name=str(s.path))
-    return EvalReport(model=str(model_path), data=[str(p) for p in data], documents=len(docs),
-                      text_bytes=sum(len(d) for d in docs), blt=blt, source=src_result, notes=notes, bound=bound)
+    s = open_source(src)
+    tok = s.load_tokenizer()
+    if tok is None and source is None:
+        notes.append(f"source: recorded source {s.path} ships no tokenizer; not compared")
+        return None
+    if tok is None:
+        raise ByteifyError(f"{s.path}: the source ships no tokenizer that transformers can load")
+    return s, tok
 
 
 def format_report(r: EvalReport) -> str:

@@ -314,19 +314,46 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     the text of ``noise_ratio``'s bucket traffic (None: :func:`training_documents`)."""
     check_applicable(config)
     d, k = config.encoder_config.hidden_size, config.cross_attn_k
-    D = d * k
     sizes = list(config.encoder_hash_byte_group_size)
-    buckets = config.encoder_hash_byte_group_vocab
-    n_max = max(sizes)
+    layout = _HashLayout(sizes=sizes, buckets=config.encoder_hash_byte_group_vocab,
+                         total_rows=config.encoder_hash_byte_group_nb_functions * len(sizes)
+                         * config.encoder_hash_byte_group_vocab)
     token_bytes = token_byte_strings(tokenizer)
     stats: dict = {}
+    # 1. weights and the weighted Gram matrix -> U, the rotated basis B
+    counts, weights, u, basis = _principal_basis(embedding_blocks, d * k, d, spec, tokenizer, counts, seed, stats)
+    vocab = len(weights)
+    # 2. content of every token, its frequency-weighted per-coordinate spread
+    content, sigma = _token_content(embedding_blocks, u @ basis.T, weights)
+    # 3. lengths, offsets, the grid
+    g = _place_on_grid(content, sigma, weights, _token_lengths(token_bytes, vocab), spec, max(sizes), stats)
+    # 4. byte embeddings
+    priority = (counts[:vocab] if counts is not None else torch.zeros(vocab, dtype=torch.float64)).tolist()
+    byte_units = _byte_embeddings(g, _tokens_by_string(token_bytes, priority), tokenizer, stats)
+    # 5. writers, n-gram size by size; entries against the realised sums
+    table = _write_tables(layout, token_bytes, g, byte_units, priority, spec, documents, stats)
+    rows, entries, owners = table.finish()
+    token_vectors = g.f_units(torch.arange(vocab), g.lam) * UNIT if keep_token_vectors else None
+    stats["entries"] = len(rows)
+    stats["max_abs_units"] = float(entries.abs().max()) if len(entries) else 0.0
+    stats["exact_in_bf16"] = bool(spec.bf16_exact and stats["max_abs_units"] <= GRID_LIMIT)
+    # 6. the projection: content units -> U U^T e
+    projection = _projection(u, basis, g.gain, spec)
+    stats.update({"grid_content_units": g.m, "offset_units_per_byte": g.b, "centre": g.c0, "unit": UNIT,
+                  "content_std": sigma, "gain": g.gain, "frequencies": "corpus" if counts is not None else "uniform",
+                  "max_offset_length": g.lam_max})
+    if log:
+        log(f"warm start: {stats['entries']:,} table entries, collisions {stats['collisions']}")
+    return WarmStart(byte_embeddings=(byte_units * UNIT).to(torch.float32), rows=rows,
+                     entries=(entries * UNIT).to(torch.float32), projection=projection,
+                     zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors)
 
-    # 1. weights and the weighted Gram matrix -> U
-    vocab = None
+
+# ---- 1. weights and the weighted Gram matrix -> U, B ---------------------------------------------
+def _weighted_gram(embedding_blocks, D: int, counts: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(the D x D Gram matrix of the source embeddings, rows weighted by ``count + 1``, the number
+    of rows): one pass over ``embedding_blocks()``."""
     gram = torch.zeros(D, D, dtype=torch.float64)
-    if counts is None and spec.frequencies == "corpus":
-        n_rows = sum(int(b.shape[0]) for b in embedding_blocks())
-        counts = token_counts(tokenizer, n_rows)
     start = 0
     for block in embedding_blocks():
         e = block.to(torch.float64)
@@ -335,7 +362,18 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
         w = (counts[start:start + len(e)] + 1.0) if counts is not None else torch.ones(len(e), dtype=torch.float64)
         gram += (e * w[:, None]).T @ e
         start += len(e)
-    vocab = start
+    return gram, start
+
+
+def _principal_basis(embedding_blocks, D: int, d: int, spec, tokenizer, counts, seed: int, stats: dict):
+    """(counts, weights, U, B): the token counts (from the corpus when ``counts`` is None and
+    ``spec.frequencies`` is ``corpus``), every token's weight ``count + 1`` (or 1), ``U`` (D x r)
+    the top right-singular vectors of the weighted embeddings, largest first, and ``B`` (d x r)
+    the rotated basis (:func:`rotated_basis`)."""
+    if counts is None and spec.frequencies == "corpus":
+        n_rows = sum(int(b.shape[0]) for b in embedding_blocks())
+        counts = token_counts(tokenizer, n_rows)
+    gram, vocab = _weighted_gram(embedding_blocks, D, counts)
     weights = (counts[:vocab] + 1.0) if counts is not None else torch.ones(vocab, dtype=torch.float64)
     with _one_thread():  # small dense linear algebra: threads only wait on each other (12 s vs 0.07 s)
         evals, evecs = torch.linalg.eigh(gram)
@@ -343,10 +381,14 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     u = evecs[:, -r:].flip(1)  # D x r, largest first
     stats["rank"] = r
     stats["energy_kept"] = float(evals[-r:].sum() / evals.sum())
-    basis = rotated_basis(d, r, seed)  # d x r
-    proj = u @ basis.T  # D x d: e -> content (before scaling)
+    return counts, weights, u, rotated_basis(d, r, seed)
 
-    # 2. content of every token, its frequency-weighted per-coordinate spread
+
+# ---- 2. content of every token ----------------------------------------------------------------
+def _token_content(embedding_blocks, proj: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(content [V, d] float32: every token's embedding through ``proj`` = U B^T (D x d), sigma:
+    its frequency-weighted per-coordinate spread): the second pass over the embeddings."""
+    vocab, d = len(weights), proj.shape[1]
     content = torch.empty(vocab, d, dtype=torch.float32)
     start = 0
     for block in embedding_blocks():
@@ -355,11 +397,38 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     sigma = float(((content.pow(2).sum(1).double() * weights).sum() / (weights.sum() * d)).sqrt())
     if not sigma > 0:
         raise ByteifyError("vocab_warm_start: the source embeddings are all zero")
+    return content, sigma
 
-    # 3. lengths, offsets, the grid
-    lengths = torch.tensor([len(b) if (b is not None and i < vocab) else 0 for i, b in enumerate(token_bytes)]
-                           + [0] * max(0, vocab - len(token_bytes)), dtype=torch.long)[:vocab]
-    representable = set(sizes) | {1}
+
+# ---- 3. lengths, offsets, the grid --------------------------------------------------------------
+def _token_lengths(token_bytes: list[bytes | None], vocab: int) -> torch.Tensor:
+    """Every token's length in bytes ([vocab] int64; 0 for tokens without bytes)."""
+    return torch.tensor([len(b) if (b is not None and i < vocab) else 0 for i, b in enumerate(token_bytes)]
+                        + [0] * max(0, vocab - len(token_bytes)), dtype=torch.long)[:vocab]
+
+
+@dataclass
+class _Grid:
+    """Every token's content in grid units and the length offsets: ``F(v)`` in units of ``UNIT``."""
+
+    content_units: torch.Tensor  # [V, d] float32: content clipped to +-m (integers when bf16_exact)
+    lengths: torch.Tensor  # [V] int64: bytes per token
+    lam: torch.Tensor  # [V] int64: the length each token's offset counts (n_max + 1 or 0 beyond n_max)
+    b: int  # offset units per byte of length
+    c0: int  # the centre of the offsets
+    m: int  # the content's grid range
+    gain: float  # grid units per unit of content
+    lam_max: int  # the largest offset length
+
+    def f_units(self, ids: torch.Tensor, lam_ids: torch.Tensor) -> torch.Tensor:
+        """``F`` of tokens ``ids`` with offset lengths ``lam_ids``, in grid units."""
+        return self.b * (lam_ids.float() - self.c0)[:, None] + self.content_units[ids]
+
+
+def _place_on_grid(content: torch.Tensor, sigma: float, weights: torch.Tensor, lengths: torch.Tensor, spec,
+                   n_max: int, stats: dict) -> _Grid:
+    """The offsets and the grid (:func:`grid`); ``content`` is scaled, clipped and (bf16_exact)
+    rounded in place."""
     suffix_rule = spec.long_tokens == "suffix"
     lam = torch.where(lengths > n_max, torch.full_like(lengths, n_max + 1 if suffix_rule else 0), lengths)
     lam_max = n_max + 1 if suffix_rule else n_max
@@ -371,64 +440,177 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     content.clamp_(-m, m)
     if spec.bf16_exact:
         content.round_()
-    content_units = content
+    return _Grid(content_units=content, lengths=lengths, lam=lam, b=b, c0=c0, m=m, gain=gain, lam_max=lam_max)
 
-    def f_units(ids: torch.Tensor, lam_ids: torch.Tensor) -> torch.Tensor:
-        return b * (lam_ids.float() - c0)[:, None] + content_units[ids]
 
-    # 4. byte embeddings: bytes that are tokens get F; specials; the rest the offset of length 1
-    priority = (counts[:vocab] if counts is not None else torch.zeros(vocab, dtype=torch.float64)).tolist()
+# ---- 4. byte embeddings ---------------------------------------------------------------------------
+def _tokens_by_string(token_bytes: list[bytes | None], priority: list[float]) -> dict[bytes, int]:
+    """Byte string -> the token that stands for it: the most frequent, then the lowest id."""
     by_string: dict[bytes, int] = {}
-    for i in sorted(range(vocab), key=lambda i: (-priority[i], i)):
+    for i in sorted(range(len(priority)), key=lambda i: (-priority[i], i)):
         s = token_bytes[i] if i < len(token_bytes) else None
         if s:
             by_string.setdefault(s, i)
+    return by_string
+
+
+def _byte_embeddings(g: _Grid, by_string: dict[bytes, int], tokenizer, stats: dict) -> torch.Tensor:
+    """The byte embeddings in grid units ([VOCAB_SIZE, d]): bytes that are tokens get F; BOS and
+    EOS the source's BOS (or EOS) and EOS; the rest the offset of length 1; BOE and PAD below
+    every token."""
+    vocab, d = g.content_units.shape
     byte_units = torch.zeros(VOCAB_SIZE, d, dtype=torch.float32)
-    byte_units[:] = b * (1 - c0)
+    byte_units[:] = g.b * (1 - g.c0)
     for x in range(256):
         tid = by_string.get(bytes([x]))
         if tid is not None:
-            byte_units[x + OFFSET] = f_units(torch.tensor([tid]), torch.tensor([1]))[0]
+            byte_units[x + OFFSET] = g.f_units(torch.tensor([tid]), torch.tensor([1]))[0]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     for blt_id, tid in ((BOS_ID, bos), (EOS_ID, eos)):
         if tid is not None and tid < vocab:
-            byte_units[blt_id] = f_units(torch.tensor([tid]), torch.tensor([1]))[0]
+            byte_units[blt_id] = g.f_units(torch.tensor([tid]), torch.tensor([1]))[0]
     for blt_id in (BOE_ID, PAD_ID):  # padding: below every token, never selected
-        byte_units[blt_id] = b * (0 - c0)
+        byte_units[blt_id] = g.b * (0 - g.c0)
     stats["bytes_without_token"] = sum(bytes([x]) not in by_string for x in range(256))
+    return byte_units
 
-    # 5. writers, n-gram size by size; entries against the realised sums
-    sizes_sorted = sorted({n for n in sizes if n >= 2})
-    table_of = {n: sizes.index(n) for n in sizes_sorted}  # the first function's tables
-    prime = PRIMES[0]
-    total_rows = config.encoder_hash_byte_group_nb_functions * len(sizes) * buckets
-    slot = torch.full((total_rows,), -1, dtype=torch.int32)  # table row -> entry index
-    entry_blocks: list[torch.Tensor] = []
-    row_blocks: list[torch.Tensor] = []
-    owner_blocks: list[torch.Tensor] = []
-    n_entries = 0
-    # reserve the BOS n-grams (left padding + BOS): they stay zero, so the BOS patch is exact
-    for n in sizes_sorted:
-        row = int(_ids_rows(torch.tensor([[BOE_ID] * (n - 1) + [BOS_ID]]), n, table_of[n], buckets, prime)[0])
-        if slot[row] < 0:
-            slot[row] = n_entries
-            entry_blocks.append(torch.zeros(1, d, dtype=torch.float32))
-            row_blocks.append(torch.tensor([row]))
-            owner_blocks.append(torch.tensor([-1]))
-            n_entries += 1
-    long_count = int((lengths > n_max).sum())
-    unrepresented = 0
+
+# ---- 5. writers, n-gram size by size ------------------------------------------------------------
+@dataclass(frozen=True)
+class _HashLayout:
+    """Where an n-gram lands in the fused table (the first hash function's tables)."""
+
+    sizes: list[int]  # the config's n-gram sizes, in table order
+    buckets: int
+    total_rows: int
+    prime: int = PRIMES[0]
+
+    @property
+    def writer_sizes(self) -> list[int]:
+        """The sizes that get entries, shortest first."""
+        return sorted({n for n in self.sizes if n >= 2})
+
+    def table(self, n: int) -> int:
+        return self.sizes.index(n)
+
+    def ids_rows(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        return _ids_rows(ids, n, self.table(n), self.buckets, self.prime)
+
+    def string_rows(self, strings: list[bytes], n: int) -> torch.Tensor:
+        return _hash_rows(strings, n, self.table(n), self.buckets, self.prime)
+
+
+class _TableEntries:
+    """The table entries as they are written: ``slot`` (fused-table row -> entry index; -1 free,
+    -2 claimed) and the entries (grid units), rows and owners in blocks."""
+
+    def __init__(self, layout: _HashLayout, d: int):
+        self.layout, self.d = layout, d
+        self.slot = torch.full((layout.total_rows,), -1, dtype=torch.int32)
+        self.entry_blocks: list[torch.Tensor] = []
+        self.row_blocks: list[torch.Tensor] = []
+        self.owner_blocks: list[torch.Tensor] = []
+        self.n_entries = 0
+
+    def reserve_bos(self) -> None:
+        """Reserve the BOS n-grams (left padding + BOS): they stay zero, so the BOS patch is exact."""
+        for n in self.layout.writer_sizes:
+            row = int(self.layout.ids_rows(torch.tensor([[BOE_ID] * (n - 1) + [BOS_ID]]), n)[0])
+            if self.slot[row] < 0:
+                self.add(torch.tensor([row]), torch.zeros(1, self.d, dtype=torch.float32), torch.tensor([-1]))
+
+    def claim(self, rows: torch.Tensor, quiet: list[bool] | None) -> tuple[list[int], int, int]:
+        """(the indices of ``rows`` claimed, in order; how many were taken already; how many were
+        noisy): a row is claimed when free and (``quiet``) quiet."""
+        won, lost, noisy = [], 0, 0
+        for j, row in enumerate(rows.tolist()):
+            if self.slot[row] != -1:  # a reserved row, or an earlier (more frequent) writer of this size
+                lost += 1
+                continue
+            if quiet is not None and not quiet[j]:  # other strings hit this bucket more often than the token
+                noisy += 1
+                continue
+            self.slot[row] = -2  # claimed; index assigned by add
+            won.append(j)
+        return won, lost, noisy
+
+    def suffix_sums(self, keys: list[bytes], n: int, byte_units: torch.Tensor) -> torch.Tensor:
+        """``S(key[1:])`` for n-byte ``keys``: the byte embedding of the last byte plus the realised
+        buckets of the shorter suffixes (every shorter size is final)."""
+        s_units = byte_units[torch.tensor([key[-1] + OFFSET for key in keys])].clone()
+        key_ids = torch.tensor([[x + OFFSET for x in key] for key in keys], dtype=torch.long)
+        for mm in self.layout.writer_sizes:
+            if mm >= n:
+                break
+            idx = self.slot[self.layout.ids_rows(key_ids[:, -mm:], mm)].long()
+            hit = idx >= 0
+            if hit.any():
+                flat = torch.cat(self.entry_blocks) if len(self.entry_blocks) > 1 else self.entry_blocks[0]
+                self.entry_blocks = [flat]
+                s_units[hit] += flat[idx[hit]]
+        return s_units
+
+    def add(self, rows: torch.Tensor, entries: torch.Tensor, owners: torch.Tensor) -> None:
+        self.slot[rows] = torch.arange(self.n_entries, self.n_entries + len(rows), dtype=torch.int32)
+        self.entry_blocks.append(entries)
+        self.row_blocks.append(rows)
+        self.owner_blocks.append(owners)
+        self.n_entries += len(rows)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, entries, owners), sorted by row; the slot array is dropped."""
+        self.slot = None
+        entries = torch.cat(self.entry_blocks) if self.entry_blocks else torch.zeros(0, self.d, dtype=torch.float32)
+        rows = torch.cat(self.row_blocks) if self.row_blocks else torch.zeros(0, dtype=torch.long)
+        owners = torch.cat(self.owner_blocks) if self.owner_blocks else torch.zeros(0, dtype=torch.long)
+        order = rows.argsort()
+        return rows[order], entries[order], owners[order]
+
+
+def _write_tables(layout: _HashLayout, token_bytes, g: _Grid, byte_units: torch.Tensor, priority: list[float],
+                  spec, documents, stats: dict) -> _TableEntries:
+    """Step 5: the BOS rows reserved, then the writers of every size, shortest first."""
+    n_max = max(layout.sizes)
+    table = _TableEntries(layout, g.content_units.shape[1])
+    table.reserve_bos()
     stats["collisions"] = {}
     stats["written"] = {}
-    stats["long_tokens"] = {"count": long_count, "rule": spec.long_tokens, "written": 0, "shared_suffix": 0}
-    groups: dict[int, dict[bytes, list[int]]] = {n: {} for n in sizes_sorted}
-    allowed = None
-    if spec.max_tokens is not None:  # only the most frequent multi-byte tokens get a bucket
-        multi = [i for i in range(min(vocab, len(token_bytes))) if token_bytes[i] and len(token_bytes[i]) > 1]
-        allowed = set(sorted(multi, key=lambda i: (-priority[i], i))[: spec.max_tokens])
-        stats["max_tokens"] = spec.max_tokens
-    for i in range(vocab):
+    stats["long_tokens"] = {"count": int((g.lengths > n_max).sum()), "rule": spec.long_tokens, "written": 0,
+                            "shared_suffix": 0}
+    allowed = _most_frequent_tokens(spec.max_tokens, token_bytes, priority, stats)
+    groups = _writer_groups(token_bytes, g.lengths, layout, spec.long_tokens == "suffix", allowed, stats)
+    traffic_docs = None
+    if spec.noise_ratio is not None:  # which buckets the corpus's other n-grams keep busy
+        traffic_docs = documents if documents is not None else training_documents()
+        stats["noise_ratio"] = spec.noise_ratio
+        stats["skipped_noisy"] = {}
+    for n in layout.writer_sizes:
+        keys, winners = _rank_writers(groups[n], n, g.lengths, priority, stats["long_tokens"])
+        rows = layout.string_rows(keys, n)
+        quiet = _quiet_mask(traffic_docs, keys, rows, n, layout, spec.noise_ratio)
+        _write_size(table, n, keys, winners, rows, quiet, g, byte_units, stats)
+    return table
+
+
+def _most_frequent_tokens(max_tokens: int | None, token_bytes, priority: list[float], stats: dict) -> set[int] | None:
+    """``max_tokens``: only the most frequent multi-byte tokens get a bucket (None: all)."""
+    if max_tokens is None:
+        return None
+    multi = [i for i in range(min(len(priority), len(token_bytes))) if token_bytes[i] and len(token_bytes[i]) > 1]
+    stats["max_tokens"] = max_tokens
+    return set(sorted(multi, key=lambda i: (-priority[i], i))[:max_tokens])
+
+
+def _writer_groups(token_bytes, lengths: torch.Tensor, layout: _HashLayout, suffix_rule: bool,
+                   allowed: set[int] | None, stats: dict) -> dict[int, dict[bytes, list[int]]]:
+    """n -> the string each multi-byte token writes -> the tokens that write it: its own bytes,
+    or (longer than the largest n, ``suffix``) its last ``n_max`` bytes."""
+    n_max = max(layout.sizes)
+    representable = set(layout.sizes) | {1}
+    groups: dict[int, dict[bytes, list[int]]] = {n: {} for n in layout.writer_sizes}
+    unrepresented = 0
+    for i in range(len(lengths)):
         s = token_bytes[i] if i < len(token_bytes) else None
         if not s or len(s) == 1 or (allowed is not None and i not in allowed):
             continue
@@ -441,102 +623,71 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
             continue
         groups[len(s)].setdefault(s, []).append(i)
     stats["unrepresented_lengths"] = unrepresented
-    traffic_docs = None
-    if spec.noise_ratio is not None:  # which buckets the corpus's other n-grams keep busy
-        traffic_docs = documents if documents is not None else training_documents()
-        stats["noise_ratio"] = spec.noise_ratio
-        stats["skipped_noisy"] = {}
-    for n in sizes_sorted:
-        keys = list(groups[n])
-        winners, prio = [], []
-        for key in keys:
-            members = groups[n][key]
-            exact = [i for i in members if lengths[i] == n]
-            pool = exact or members
-            best = min(pool, key=lambda i: (-priority[i], i))
-            winners.append(best)
-            prio.append(sum(priority[i] for i in members))
-            if not exact:
-                stats["long_tokens"]["shared_suffix"] += len(members) - 1
-        order = sorted(range(len(keys)), key=lambda j: (-prio[j], winners[j]))
-        keys = [keys[j] for j in order]
-        winners = [winners[j] for j in order]
-        rows = _hash_rows(keys, n, table_of[n], buckets, prime)
-        quiet = None
-        if traffic_docs is not None and keys:  # one size at a time: the corpus's n-gram statistics are big
-            from transformers.models.blt.modeling_blt import rolling_polynomial_hash
+    return groups
 
-            hits, uniq, uniq_counts = ngram_traffic(traffic_docs, [n], buckets, prime)[n]
-            raw = rolling_polynomial_hash(torch.tensor([[x + OFFSET for x in k] for k in keys], dtype=torch.long), prime)
-            pos = torch.searchsorted(uniq, raw).clamp(max=max(len(uniq) - 1, 0))
-            own = torch.where(uniq[pos] == raw, uniq_counts[pos], 0) if len(uniq) else torch.zeros(len(keys), dtype=torch.long)
-            noise = hits[rows - table_of[n] * buckets] - own
-            quiet = (noise <= spec.noise_ratio * own).tolist()
-            del hits, uniq, uniq_counts, raw, pos, own, noise
-        won, lost, noisy = [], 0, 0
-        for j, row in enumerate(rows.tolist()):
-            if slot[row] != -1:  # a reserved row, or an earlier (more frequent) writer of this size
-                lost += 1
-                continue
-            if quiet is not None and not quiet[j]:  # other strings hit this bucket more often than the token
-                noisy += 1
-                continue
-            slot[row] = -2  # claimed; index assigned below
-            won.append(j)
-        if traffic_docs is not None:
-            stats["skipped_noisy"][n] = noisy
-        stats["collisions"][n] = lost
-        stats["written"][n] = len(won)
-        if not won:
-            continue
-        won_keys = [keys[j] for j in won]
-        won_ids = torch.tensor([winners[j] for j in won])
-        won_rows = rows[won]
-        # S(key[1:]): byte embedding of the last byte + realised shorter buckets
-        last = torch.tensor([key[-1] + OFFSET for key in won_keys])
-        s_units = byte_units[last].clone()
-        key_ids = torch.tensor([[x + OFFSET for x in key] for key in won_keys], dtype=torch.long)
-        for mm in sizes_sorted:
-            if mm >= n:
-                break
-            sub_rows = _ids_rows(key_ids[:, -mm:], mm, table_of[mm], buckets, prime)
-            idx = slot[sub_rows].long()
-            hit = idx >= 0
-            if hit.any():
-                flat = torch.cat(entry_blocks) if len(entry_blocks) > 1 else entry_blocks[0]
-                entry_blocks = [flat]
-                s_units[hit] += flat[idx[hit]]
-        lam_ids = lam[won_ids] if n == n_max else torch.full((len(won),), n, dtype=torch.long)
-        entries = f_units(won_ids, lam_ids) - s_units
-        slot[won_rows] = torch.arange(n_entries, n_entries + len(won), dtype=torch.int32)
-        entry_blocks.append(entries)
-        row_blocks.append(won_rows)
-        owner_blocks.append(won_ids)
-        n_entries += len(won)
-        if n == n_max:
-            stats["long_tokens"]["written"] = int((lengths[won_ids] > n_max).sum())
-    del slot
-    token_vectors = f_units(torch.arange(vocab), lam) * UNIT if keep_token_vectors else None
-    entries = torch.cat(entry_blocks) if entry_blocks else torch.zeros(0, d, dtype=torch.float32)
-    rows = torch.cat(row_blocks) if row_blocks else torch.zeros(0, dtype=torch.long)
-    owners = torch.cat(owner_blocks) if owner_blocks else torch.zeros(0, dtype=torch.long)
-    order = rows.argsort()
-    rows, entries, owners = rows[order], entries[order], owners[order]
-    stats["entries"] = len(rows)
-    stats["max_abs_units"] = float(entries.abs().max()) if len(entries) else 0.0
-    stats["exact_in_bf16"] = bool(spec.bf16_exact and stats["max_abs_units"] <= GRID_LIMIT)
 
-    # 6. the projection: content units -> U U^T e
+def _rank_writers(group: dict[bytes, list[int]], n: int, lengths: torch.Tensor, priority: list[float],
+                  long_stats: dict) -> tuple[list[bytes], list[int]]:
+    """(strings, the token that writes each), by priority: the summed count of the string's tokens,
+    then the writer's id.  The writer: the most frequent token of exactly ``n`` bytes, else the most
+    frequent longer one sharing the suffix."""
+    keys = list(group)
+    winners, prio = [], []
+    for key in keys:
+        members = group[key]
+        exact = [i for i in members if lengths[i] == n]
+        pool = exact or members
+        winners.append(min(pool, key=lambda i: (-priority[i], i)))
+        prio.append(sum(priority[i] for i in members))
+        if not exact:
+            long_stats["shared_suffix"] += len(members) - 1
+    order = sorted(range(len(keys)), key=lambda j: (-prio[j], winners[j]))
+    return [keys[j] for j in order], [winners[j] for j in order]
+
+
+def _quiet_mask(traffic_docs, keys: list[bytes], rows: torch.Tensor, n: int, layout: _HashLayout,
+                noise_ratio: float | None) -> list[bool] | None:
+    """The noise filter: per key, whether the corpus's other n-grams hit its bucket at most
+    ``noise_ratio`` times as often as the key itself (None: no filter)."""
+    if traffic_docs is None or not keys:
+        return None
+    from transformers.models.blt.modeling_blt import rolling_polynomial_hash
+
+    # one size at a time: the corpus's n-gram statistics are big
+    hits, uniq, uniq_counts = ngram_traffic(traffic_docs, [n], layout.buckets, layout.prime)[n]
+    raw = rolling_polynomial_hash(torch.tensor([[x + OFFSET for x in k] for k in keys], dtype=torch.long), layout.prime)
+    pos = torch.searchsorted(uniq, raw).clamp(max=max(len(uniq) - 1, 0))
+    own = torch.where(uniq[pos] == raw, uniq_counts[pos], 0) if len(uniq) else torch.zeros(len(keys), dtype=torch.long)
+    noise = hits[rows - layout.table(n) * layout.buckets] - own
+    return (noise <= noise_ratio * own).tolist()
+
+
+def _write_size(table: _TableEntries, n: int, keys: list[bytes], winners: list[int], rows: torch.Tensor,
+                quiet: list[bool] | None, g: _Grid, byte_units: torch.Tensor, stats: dict) -> None:
+    """Claim the buckets of the n-byte ``keys`` (ranked) and write ``F(v) - S(key[1:])`` for every
+    winner, against the realised sums."""
+    won, lost, noisy = table.claim(rows, quiet)
+    if "skipped_noisy" in stats:  # the noise filter is on
+        stats["skipped_noisy"][n] = noisy
+    stats["collisions"][n] = lost
+    stats["written"][n] = len(won)
+    if not won:
+        return
+    n_max = max(table.layout.sizes)
+    won_ids = torch.tensor([winners[j] for j in won])
+    s_units = table.suffix_sums([keys[j] for j in won], n, byte_units)
+    lam_ids = g.lam[won_ids] if n == n_max else torch.full((len(won),), n, dtype=torch.long)
+    table.add(rows[won], g.f_units(won_ids, lam_ids) - s_units, won_ids)
+    if n == n_max:
+        stats["long_tokens"]["written"] = int((g.lengths[won_ids] > n_max).sum())
+
+
+# ---- 6. the projection ----------------------------------------------------------------------------
+def _projection(u: torch.Tensor, basis: torch.Tensor, gain: float, spec) -> torch.Tensor:
+    """``U B^T / (2 g)`` (D x d; content units -> U U^T e): bf16-representable with rows summing to
+    zero when ``bf16_exact``."""
     projection = u @ basis.T / (2.0 * gain * UNIT)  # D x d
-    projection = bf16_zero_sum_rows(projection) if spec.bf16_exact else projection.to(torch.float32)
-    stats.update({"grid_content_units": m, "offset_units_per_byte": b, "centre": c0, "unit": UNIT,
-                  "content_std": sigma, "gain": gain, "frequencies": "corpus" if counts is not None else "uniform",
-                  "max_offset_length": lam_max})
-    if log:
-        log(f"warm start: {stats['entries']:,} table entries, collisions {stats['collisions']}")
-    return WarmStart(byte_embeddings=(byte_units * UNIT).to(torch.float32), rows=rows,
-                     entries=(entries * UNIT).to(torch.float32), projection=projection,
-                     zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors)
+    return bf16_zero_sum_rows(projection) if spec.bf16_exact else projection.to(torch.float32)
 
 
 class SparseHashTable(torch.nn.Module):
