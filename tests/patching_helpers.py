@@ -4,28 +4,16 @@ tokenizer trained on the embedded corpus, saved where ``byteify convert`` keeps 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from byteify.convert.warmstart import one_thread  # noqa: F401  (re-exported for the tests)
 from helpers import make_hf_source
 
 PATCHER_SCALE = 8.0  # random entropy-model weights x this: entropies spread over ~0..3 nats
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other processes busy the CPUs
-    (two OpenMP threads then wait on each other: 60x slower for a tiny entropy model)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def corpus_texts(n: int = 40, offset: int = 0) -> list[str]:

@@ -212,14 +212,16 @@ def rotated_basis(d: int, r: int, seed: int) -> torch.Tensor:
         raise ByteifyError(f"vocab_warm_start: rank {r} > encoder width - 1 = {d - 1}")
     g = torch.randn(d, r, generator=torch.Generator().manual_seed(seed + 7919), dtype=torch.float64)
     g -= g.mean(0, keepdim=True)
-    with _one_thread():
+    with one_thread():
         q, _ = torch.linalg.qr(g)
     q -= q.mean(0, keepdim=True)  # exact orthogonality to 1 up to float64 rounding
     return q
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
+    """Small dense linear algebra (and tiny models) on one thread: with two, the OpenMP threads
+    mostly wait on each other, the more so when another process busies the CPUs."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -375,7 +377,7 @@ def _principal_basis(embedding_blocks, D: int, d: int, spec, tokenizer, counts, 
         counts = token_counts(tokenizer, n_rows)
     gram, vocab = _weighted_gram(embedding_blocks, D, counts)
     weights = (counts[:vocab] + 1.0) if counts is not None else torch.ones(vocab, dtype=torch.float64)
-    with _one_thread():  # small dense linear algebra: threads only wait on each other (12 s vs 0.07 s)
+    with one_thread():  # small dense linear algebra: threads only wait on each other (12 s vs 0.07 s)
         evals, evecs = torch.linalg.eigh(gram)
     r = min(spec.rank or d - 1, d - 1, D)
     u = evecs[:, -r:].flip(1)  # D x r, largest first

@@ -372,13 +372,17 @@ def _list_jsonl(path: Path, field: str, chunk: int) -> list[tuple]:
     return [("jsonl", path, a, min(size, a + chunk)) for a in range(0, max(size, 1), chunk)]
 
 
-def _read_txt(path, a, b, field, within):
+def _whole(path) -> bytes:
+    """The file's bytes, decompressed; a corrupt file is one line naming it."""
     try:
         with _open_bytes(path) as fh:
-            data = fh.read()
+            return fh.read()
     except _decode_errors() as exc:
         raise _corrupt(path, "", exc) from None
-    yield 0, data
+
+
+def _read_txt(path, a, b, field, within):
+    yield 0, _whole(path)
 
 
 def _parse_line(line: bytes, field: str, where: Callable[[], str]) -> bytes:
@@ -443,11 +447,7 @@ def _read_jsonz(path, a, b, field, within):
 
 
 def _read_jsonarray(path, a, b, field, within):
-    try:
-        with _open_bytes(path) as fh:
-            raw = fh.read()
-    except _decode_errors() as exc:
-        raise _corrupt(path, "", exc) from None
+    raw = _whole(path)
     try:
         items = json.loads(raw.decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as exc:

@@ -44,6 +44,25 @@ def initial_weights(tiny_converted: Path) -> dict[str, torch.Tensor]:
     return load_file(str(tiny_converted / "model.safetensors"))
 
 
+def interrupted_and_resumed(model, tmp_path, steps: int, *extra: str):
+    """Run ``steps`` steps straight and, separately, stopped at half and resumed: the losses of
+    every step agree within 1e-6 and the final weights exactly.  Returns (full, part) run dirs."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    stage = (*extra, f"stages.0.steps={steps}", "run.save_every=100")
+    run(model, full, *stage)
+    s = run(model, part, *stage, f"run.stop_after={steps // 2}")
+    assert s["stopped_early"] and s["steps"] == steps // 2
+    run(model, part, *stage, resume="auto")
+    a, b = metrics(full), metrics(part)
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6
+    last = f"step-{steps:08d}"
+    wa, wb = weights(full / "checkpoints" / last), weights(part / "checkpoints" / last)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    return full, part
+
+
 def test_loss_falls_on_real_text(tiny_converted, tmp_path):
     summary = run(tiny_converted, tmp_path / "r")
     m = metrics(tmp_path / "r")
@@ -118,17 +137,7 @@ LORA = "stages.0.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
 def test_resume_inside_a_lora_stage_continues_exactly(tiny_converted, tmp_path):
     # issue 10 bug 1: peft's from_pretrained left the stage's 'train' parts frozen, so the
     # optimizer had fewer groups than the saved state and resuming raised
-    full, part = tmp_path / "full", tmp_path / "part"
-    stage = ("stages.0.train=[local_decoder]", LORA, "stages.0.steps=6", "run.save_every=100")
-    run(tiny_converted, full, *stage)
-    run(tiny_converted, part, *stage, "run.stop_after=3")
-    run(tiny_converted, part, *stage, resume="auto")
-    a, b = metrics(full), metrics(part)
-    assert sorted(b) == list(range(1, 7))
-    for step in range(1, 7):
-        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6
-    wa, wb = weights(full / "checkpoints" / "step-00000006"), weights(part / "checkpoints" / "step-00000006")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    full, part = interrupted_and_resumed(tiny_converted, tmp_path, 6, "stages.0.train=[local_decoder]", LORA)
     aa = load_file(str(full / "checkpoints" / "step-00000006" / "adapter" / "adapter_model.safetensors"))
     ab = load_file(str(part / "checkpoints" / "step-00000006" / "adapter" / "adapter_model.safetensors"))
     assert aa.keys() == ab.keys() and all(torch.equal(aa[k], ab[k]) for k in aa)
@@ -159,17 +168,7 @@ def test_dry_run_of_a_lora_stage(tiny_converted, tmp_path):
 
 
 def test_resume_gives_identical_losses_and_weights(tiny_converted, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    run(tiny_converted, full, "stages.0.steps=8", "run.save_every=100")
-    s = run(tiny_converted, part, "stages.0.steps=8", "run.save_every=100", "run.stop_after=4")
-    assert s["stopped_early"] and s["steps"] == 4
-    run(tiny_converted, part, "stages.0.steps=8", "run.save_every=100", resume="auto")
-    a, b = metrics(full), metrics(part)
-    assert sorted(b) == list(range(1, 9))
-    for step in range(1, 9):
-        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-6
-    wa, wb = weights(full / "checkpoints" / "step-00000008"), weights(part / "checkpoints" / "step-00000008")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    interrupted_and_resumed(tiny_converted, tmp_path, 8)
 
 
 def test_multi_stage_continues_from_previous_stage(tiny_converted, tmp_path):
