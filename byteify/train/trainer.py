@@ -283,6 +283,11 @@ class Trainer:
             trainable = sum(c["trainable"] for c in counts.values())
             self.log(f"stage '{ctx.stage.name}': {ctx.stage.steps} steps, {ctx.stage.batch_bytes} bytes/step, "
                      f"{trainable:,} trainable parameters ({', '.join(p for p in PARTS if counts[p]['trainable'])})")
+            warm = self.location.metadata.get("vocab_warm_start")
+            if "local_encoder" in ctx.stage.train and "hash_embeddings" not in ctx.stage.train and not warm:
+                self.log(f"note: stage '{ctx.stage.name}' keeps the hash tables frozen, but this model has no "
+                         "vocabulary warm start (convert --preset warm): they stay at their random init; add "
+                         "hash_embeddings to the stage's train list to learn them")
 
     def _log(self, rec: dict, stage: StageSpec, window: list, bar) -> None:
         step = self.state["stage_step"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -280,3 +281,20 @@ def test_tensorboard_without_the_package_is_a_clear_error(tiny_converted, tmp_pa
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ByteifyError, match="tensorboard"):
         run(tiny_converted, tmp_path / "r", "stages.0.steps=1", "stages.0.warmup_steps=0", "run.tensorboard=true")
+
+
+def test_frozen_hash_tables_without_warm_start_get_a_note(tiny_converted, tmp_path):
+    def logged(model: Path, out: Path) -> list[str]:
+        lines = []
+        recipe, raw = load_recipe("tiny-cpu", [f"model={model}", f"output_dir={out}", "run.progress=false",
+                                               "stages.0.steps=1", "stages.0.warmup_steps=0",
+                                               "stages.0.train=[local_encoder, local_decoder]"])
+        Trainer(recipe, raw, log=lines.append).run()
+        return [x for x in lines if "hash tables frozen" in x]
+
+    assert len(logged(tiny_converted, tmp_path / "a")) == 1  # random tables that never train: said once
+    warm = tmp_path / "warm"
+    shutil.copytree(tiny_converted, warm)
+    meta = json.loads((warm / "byteify.json").read_text())
+    (warm / "byteify.json").write_text(json.dumps({**meta, "vocab_warm_start": {"entries": 1}}))
+    assert logged(warm, tmp_path / "b") == []  # written tables: frozen on purpose
