@@ -111,16 +111,16 @@ def test_held_out_corpus_is_the_validation_split(monkeypatch):
 @pytest.mark.slow
 def test_smollm2_warm_start_passes_the_gate(tmp_path):
     """The real SmolLM2-135M converted with ``--preset warm``: on 8 KB of held-out text the bound
-    is within the gate (1.6x of the exact-embedding figure; measured 1.6x-1.7x at 131,072 buckets,
-    see benchmarks/warmstart_probe.py), far below the default conversion's (~2.7x)."""
+    passes the gate (within 1.6x of the exact-embedding figure; measured 1.27x on 32 KB, against
+    2.82x for the default conversion: benchmarks/byteify_quality.py)."""
     from helpers import smollm2_gguf
 
     src = open_source(smollm2_gguf())
     out = tmp_path / "warm"
     report = convert(src, out, load_spec("warm"), verify=False, progress=False)
-    assert report.warm_start["exact_in_bf16"] and report.warm_start["entries"] > 40000
+    assert report.warm_start["exact_in_bf16"] and report.warm_start["entries"] > 10000  # 16,274: the noise filter
     docs = held_out_corpus(8192)
     _, model = load_blt(out)
     b = teacher_forced_bound(model, load_teacher(out), load_source_tokenizer(out), docs)
-    assert b.ratio < 1.8, b
+    assert b.passed and b.ratio <= 1.6, b
     assert b.patch_rel_error < 1.0, b

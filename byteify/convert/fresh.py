@@ -34,8 +34,9 @@ def fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int
     inputs at that scale and BLT's init gives ~10x more.
 
     ``warm``: a :class:`byteify.convert.warmstart.WarmStart`; its encoder tensors replace the
-    drawn ones (every other tensor is drawn as without it, from the same seed) and the hash table
-    is its sparse entries, streamed in the same row blocks.  ``patch_rms`` must then be None."""
+    drawn ones (every other tensor is drawn as without it, from the same seed; the decoder's
+    readers in ``warm.centred`` get each row's mean removed) and the hash table is its sparse
+    entries, streamed in the same row blocks.  ``patch_rms`` must then be None."""
     from transformers import BltForCausalLM
 
     cfg = _without_global(config)
@@ -58,6 +59,8 @@ def fresh_parts(config, seed: int, dtype: torch.dtype = torch.float32, rows: int
             if tuple(value.shape) != tuple(small[name].shape):
                 raise ValueError(f"warm start: {name} has shape {tuple(value.shape)}, expected {tuple(small[name].shape)}")
             small[name] = value
+        for name in warm.centred:  # blind to the length offsets in the byte states
+            small[name] = small[name] - small[name].mean(dim=1, keepdim=True)
     for name in sorted(small):
         t = small.pop(name)
         yield name, tuple(t.shape), iter([t.detach().to(dtype)])

@@ -73,6 +73,9 @@ class WarmStartSpec(_Strict):
     noise_ratio: float | None = Field(1.0, ge=0)
     # content and offsets on a grid exact in bf16 (and a projection whose bf16 rows sum to zero)
     bf16_exact: bool = True
+    # the fresh decoder's input projections (and the LM head) blind to the all-ones direction, so
+    # they read the byte states' content, not the length offsets (~10x larger) the encoder leaves
+    decoder_ignores_offset: bool = True
 
 
 class ArchitectureSpec(_Strict):

@@ -109,6 +109,7 @@ class WarmStart:
     owners: torch.Tensor | None = None  # [M] int64: the token whose entry each row holds (-1: reserved, zero)
     stats: dict = field(default_factory=dict)
     token_vectors: torch.Tensor | None = None  # [V, d] F(v) for every token (keep_token_vectors only)
+    centred: list[str] = field(default_factory=list)  # decoder weights whose rows get their mean removed
 
     def small_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor name -> value for every encoder tensor the warm start sets (not the hash table)."""
@@ -266,6 +267,21 @@ def _ids_rows(ids: torch.Tensor, n: int, table: int, buckets: int, prime: int) -
     return byte_group_hash_function(ids, n, prime, buckets)[:, -1] + table * buckets
 
 
+def decoder_readers(config) -> list[str]:
+    """The weights that read the local decoder's residual stream, which starts as the encoder's
+    byte states and so carries the length offsets along the all-ones direction: every layer's
+    q/k/v and gate/up projections, the cross-attention queries, and the LM head.  With each row's
+    mean removed (``W (I - 11^T / d)``) they see only the content; training may undo it."""
+    dec = config.decoder_config
+    names = ["lm_head.weight"]
+    for i in range(dec.num_hidden_layers):
+        names += [f"model.local_decoder.layers.{i}.self_attn.{p}_proj.weight" for p in "qkv"]
+        names += [f"model.local_decoder.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up")]
+    n_cross = dec.num_hidden_layers if dec.cross_attn_all_layers else 1
+    names += [f"model.local_decoder.cross_attn_layers.{j}.q_proj.weight" for j in range(n_cross)]
+    return names
+
+
 def encoder_zeroed(config) -> list[str]:
     """The encoder weights the warm start zeroes: each local layer's attention output and MLP
     down projection (identity layers), and the cross-attention output projections."""
@@ -348,7 +364,8 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
         log(f"warm start: {stats['entries']:,} table entries, collisions {stats['collisions']}")
     return WarmStart(byte_embeddings=(byte_units * UNIT).to(torch.float32), rows=rows,
                      entries=(entries * UNIT).to(torch.float32), projection=projection,
-                     zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors)
+                     zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors,
+                     centred=decoder_readers(config) if spec.decoder_ignores_offset else [])
 
 
 # ---- 1. weights and the weighted Gram matrix -> U, B ---------------------------------------------

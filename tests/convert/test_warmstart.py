@@ -286,6 +286,13 @@ def test_convert_writes_the_plan(setup, converted, corpus_plan):
         for name in ws.zeroed:
             assert not f.get_tensor(name).any(), name
         assert f.get_tensor("model.local_encoder.layers.0.self_attn.q_proj.weight").std() > 0
+        # the decoder reads content, not the length offsets: its readers' rows sum to zero
+        assert "lm_head.weight" in ws.centred and "model.local_decoder.layers.0.mlp.up_proj.weight" in ws.centred
+        for name in ws.centred:
+            w = f.get_tensor(name)
+            assert w.std() > 0 and w.sum(1).abs().max() < 1e-4 * w.abs().sum(1).max(), name
+        o = f.get_tensor("model.local_decoder.layers.0.self_attn.o_proj.weight")  # writes, not reads: as drawn
+        assert o.sum(1).abs().max() > 1e-3
 
 
 def test_amax_selects_the_last_byte_of_token_aligned_patches(setup, converted, corpus_plan):
