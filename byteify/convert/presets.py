@@ -74,8 +74,9 @@ class WarmStartSpec(_Strict):
     # content and offsets on a grid exact in bf16 (and a projection whose bf16 rows sum to zero)
     bf16_exact: bool = True
     # the fresh decoder's input projections (and the LM head) blind to the all-ones direction, so
-    # they read the byte states' content, not the length offsets (~10x larger) the encoder leaves
-    decoder_ignores_offset: bool = True
+    # they read the byte states' content, not the length offsets (~10x larger) the encoder leaves;
+    # measured no better on SmolLM2 (benchmarks/byteify_quality.py row 2b), so off by default
+    decoder_ignores_offset: bool = False
 
 
 class ArchitectureSpec(_Strict):

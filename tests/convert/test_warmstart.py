@@ -286,13 +286,25 @@ def test_convert_writes_the_plan(setup, converted, corpus_plan):
         for name in ws.zeroed:
             assert not f.get_tensor(name).any(), name
         assert f.get_tensor("model.local_encoder.layers.0.self_attn.q_proj.weight").std() > 0
-        # the decoder reads content, not the length offsets: its readers' rows sum to zero
-        assert "lm_head.weight" in ws.centred and "model.local_decoder.layers.0.mlp.up_proj.weight" in ws.centred
-        for name in ws.centred:
-            w = f.get_tensor(name)
-            assert w.std() > 0 and w.sum(1).abs().max() < 1e-4 * w.abs().sum(1).max(), name
-        o = f.get_tensor("model.local_decoder.layers.0.self_attn.o_proj.weight")  # writes, not reads: as drawn
-        assert o.sum(1).abs().max() > 1e-3
+
+
+def test_decoder_ignores_offset_centres_the_decoder_readers(setup):
+    """``decoder_ignores_offset``: every weight that reads the decoder's residual stream has rows
+    summing to zero (blind to the all-ones direction of the length offsets) and otherwise equals
+    the drawn weight minus its row mean; the writers stay as drawn.  Off by default."""
+    from byteify.convert.fresh import fresh_parts
+
+    assert plan(setup)[1].centred == []
+    config, ws = plan(setup, ["vocab_warm_start.decoder_ignores_offset=true"])
+    assert "lm_head.weight" in ws.centred and "model.local_decoder.layers.0.mlp.up_proj.weight" in ws.centred
+    drawn = {n: next(c) for n, _, c in fresh_parts(config, 0) if n.startswith(("model.local_decoder", "lm_head"))}
+    blind = {n: next(c) for n, _, c in fresh_parts(config, 0, warm=ws) if n in drawn}
+    for name in ws.centred:
+        w = blind[name]
+        assert w.sum(1).abs().max() < 1e-4 * w.abs().sum(1).max(), name
+        assert torch.allclose(w, drawn[name] - drawn[name].mean(1, keepdim=True)), name
+    writer = "model.local_decoder.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(blind[writer], drawn[writer]) and drawn[writer].sum(1).abs().max() > 1e-3
 
 
 def test_amax_selects_the_last_byte_of_token_aligned_patches(setup, converted, corpus_plan):
