@@ -2,7 +2,7 @@
 same seed, same training bytes, the same held-out text and the same causal patcher for every row:
 
 1. source: SmolLM2's token loss in bits per byte (no training);
-2. warm start + transplanted global (``byteify convert --preset warm``), the new recipe:
+2. warm start + transplanted global (``byteify convert --preset warm``), the recipe built for it:
    a decoder stage (only the local decoder trains: the warm encoder and the transplanted global
    already speak the source's language), then end to end with the global at 1/10 of the local
    learning rate; the hash tables stay frozen (they hold the written vocabulary; 528M
@@ -61,8 +61,8 @@ DECODER_SHARE = 0.25  # row 2/4: the share of the budget spent on the decoder st
 ALL = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
 WARM = ["local_encoder", "local_decoder", "global"]  # hash tables frozen
 NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
-         "2": "warm start + transplanted global (new recipe)",
-         "3": "transplant, no warm start (previous recipe)",
+         "2": "warm start + transplanted global (decoder stage, then end to end; hash tables frozen)",
+         "3": "transplant, no warm start (the shipped smollm2-135m recipe)",
          "4": "warm start + random global",
          "5": "random global, no warm start",
          "2b": "row 2, the decoder's readers blind to the length offsets (decoder_ignores_offset)",
@@ -268,6 +268,64 @@ def plot(curves: dict, source: float, path: Path) -> bool:
     return True
 
 
+def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[str, Path]]:
+    """The default conversion and each row's starting model, all with the one shared patcher."""
+    base = convert(work, "convert-auto")
+    warm = convert(work, "convert-warm", "--preset", "warm")
+    patcher = entropy_model(work, base)
+    starts = {"3": with_patcher(base, patcher, work / "start-3")}
+    starts["2"] = with_patcher(warm, patcher, work / "start-2")
+    if "2b" in rows:
+        blind = convert(work, "convert-warm-blind", "--preset", "warm", "--set", "vocab_warm_start.decoder_ignores_offset=true")
+        starts["2b"] = with_patcher(blind, patcher, work / "start-2b")
+    starts["2h"] = starts["2"]
+    if "4" in rows:
+        starts["4"] = random_global(starts["2"], work / "start-4", seed + 1)
+    if "5" in rows:
+        starts["5"] = random_global(starts["3"], work / "start-5", seed + 1)
+    return base, starts
+
+
+def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs, seed: int):
+    """Step-0 and per-budget results of every row (cached per run), and its validation curves."""
+    res, curves = {}, {}
+    for key in [r for r in rows if r != "1"]:
+        res[key] = {"step0": cached(work / f"eval-{key}-step0.json", lambda key=key: evaluate(starts[key], docs))}
+        for kb in budgets:
+            steps = round(kb * 1024 / BATCH_BYTES)
+            recipe = warm_recipe(steps) if key in ("2", "4", "2b") else plain_recipe(steps)
+            run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
+            final = cached(run / "final-eval.json", lambda run=run: evaluate(newest_model(run), docs))
+            s = summary(run)
+            res[key][kb] = {**final, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
+                            "s_per_step": s["wall_seconds"] / steps}
+            curves[f"{key}: {NAMES[key]} ({kb} KB)"] = curve(run)
+        print(key, res[key], flush=True)
+    return res, curves
+
+
+def report(res: dict, rows: list[str], budgets: list[int], header: str) -> str:
+    """The markdown table, the step-0 gate and the criterion."""
+    lines = [header, "", "| row | model | step 0 | " + " | ".join(f"after {kb} KB" for kb in budgets) + " | s/step |",
+             "|---|---|---:|" + "---:|" * len(budgets) + "---:|"]
+    for key in ["1"] + [r for r in rows if r != "1"]:
+        r = res[key]
+        cells = [f"{r[kb]['bpb']:.3f}" if kb in r else "-" for kb in budgets] if key != "1" else ["-"] * len(budgets)
+        step = f"{r[budgets[-1]]['s_per_step']:.1f}" if budgets[-1] in r else "-"
+        lines.append(f"| {key} | {NAMES[key]} | {r['step0']['bpb']:.3f} | " + " | ".join(cells) + f" | {step} |")
+    lines += ["", ("Step-0 gate (teacher-forced bound: the source model fed the converted BLT's patch vectors, "
+              "one patch per source token; target within 1.6x of the exact-embedding figure):"), "",
+              "| conversion | bound bits/byte | exact embeddings | ratio |", "|---|---:|---:|---:|"]
+    for key, name in (("2", "warm start (--preset warm)"), ("3", "no warm start (--preset auto)")):
+        g = res["gate"][key]
+        lines.append(f"| {name} | {g['bound_bpb']:.3f} | {g['exact_bpb']:.3f} | {g['ratio']:.2f} |")
+    kb = budgets[-1]
+    if kb in res.get("2", {}) and kb in res.get("5", {}):
+        ratio = res["2"][kb]["bpb"] / res["5"][kb]["bpb"]
+        lines += ["", f"Criterion (row 2 <= 0.75 x row 5 at {kb} KB): {ratio:.3f} -> {'MET' if ratio <= 0.75 else 'NOT MET'}"]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="460", help="KB of training text per row, comma-separated")
@@ -283,64 +341,19 @@ def main():
     rows = args.rows.split(",")
     budgets = [int(b) for b in args.budgets.split(",")]
     t0 = time.perf_counter()
-
-    base = convert(work, "convert-auto")
-    warm = convert(work, "convert-warm", "--preset", "warm")
-    patcher = entropy_model(work, base)
-    starts = {"3": with_patcher(base, patcher, work / "start-3")}
-    starts["2"] = with_patcher(warm, patcher, work / "start-2")
-    if "2b" in rows:
-        blind = convert(work, "convert-warm-blind", "--preset", "warm", "--set", "vocab_warm_start.decoder_ignores_offset=true")
-        starts["2b"] = with_patcher(blind, patcher, work / "start-2b")
-    starts["2h"] = starts["2"]
-    if "4" in rows:
-        starts["4"] = random_global(starts["2"], work / "start-4", args.seed + 1)
-    if "5" in rows:
-        starts["5"] = random_global(starts["3"], work / "start-5", args.seed + 1)
+    base, starts = starting_models(work, rows, args.seed)
     docs = held_out_docs(args.final_bytes)
     n_bytes = sum(len(d) for d in docs)
-    res: dict = {"1": {"step0": cached(work / "eval-source.json", lambda: {"bpb": source_bpb(base, docs)})}}
+    res, curves = run_rows(work, rows, budgets, starts, docs, args.seed)
+    res["1"] = {"step0": cached(work / "eval-source.json", lambda: {"bpb": source_bpb(base, docs)})}
     res["gate"] = {key: cached(work / f"gate-{key}.json", lambda key=key: step0_gate(starts[key], base, docs))
                    for key in ("2", "3")}
-    curves = {}
-    for key in [r for r in rows if r != "1"]:
-        res[key] = {"step0": cached(work / f"eval-{key}-step0.json", lambda key=key: evaluate(starts[key], docs))}
-        for kb in budgets:
-            steps = round(kb * 1024 / BATCH_BYTES)
-            recipe = warm_recipe(steps) if key in ("2", "4", "2b") else plain_recipe(steps)
-            run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), args.seed)
-            final = cached(run / "final-eval.json", lambda run=run: evaluate(newest_model(run), docs))
-            s = summary(run)
-            res[key][kb] = {**final, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
-                            "s_per_step": s["wall_seconds"] / steps}
-            curves[f"{key}: {NAMES[key]} ({kb} KB)"] = curve(run)
-        print(key, res[key], flush=True)
-
-    hw = f"{platform.machine()}, {os.cpu_count()} CPU cores"
-    lines = [(f"Decisive table: SmolLM2-135M byte-ified on the embedded corpus, seed {args.seed}, {BATCH_BYTES}-byte steps, "
-             f"{hw}; held-out bits per byte on {n_bytes:,} bytes of the validation split, every row under the same "
-             f"boundary-trained causal entropy patcher ({ENTROPY_STEPS} steps, threshold calibrated to the source's "
-             f"bytes per token); this invocation {(time.perf_counter() - t0) / 60:.0f} min."), "",
-             "| row | model | step 0 | " + " | ".join(f"after {kb} KB" for kb in budgets) + " | s/step |",
-             "|---|---|---:|" + "---:|" * len(budgets) + "---:|"]
-    for key in ["1"] + [r for r in rows if r != "1"]:
-        r = res[key]
-        cells = [f"{r[kb]['bpb']:.3f}" if kb in r else "-" for kb in budgets] if key != "1" else ["-"] * len(budgets)
-        step = f"{r[budgets[-1]]['s_per_step']:.1f}" if budgets[-1] in r else "-"
-        lines.append(f"| {key} | {NAMES[key]} | {r['step0']['bpb']:.3f} | " + " | ".join(cells) + f" | {step} |")
-    lines += ["", ("Step-0 gate (teacher-forced bound: the source model fed the converted BLT's patch vectors, "
-              "one patch per source token; target within 1.6x of the exact-embedding figure):"), "",
-              "| conversion | bound bits/byte | exact embeddings | ratio |", "|---|---:|---:|---:|"]
-    for key, name in (("2", "warm start (--preset warm)"), ("3", "no warm start (--preset auto)")):
-        g = res["gate"][key]
-        lines.append(f"| {name} | {g['bound_bpb']:.3f} | {g['exact_bpb']:.3f} | {g['ratio']:.2f} |")
-    if "2" in res and "5" in res:
-        kb = budgets[-1]
-        if kb in res["2"] and kb in res["5"]:
-            ratio = res["2"][kb]["bpb"] / res["5"][kb]["bpb"]
-            lines += ["", (f"Criterion (row 2 <= 0.75 x row 5 at {kb} KB): {ratio:.3f} -> "
-                          f"{'MET' if ratio <= 0.75 else 'NOT MET'}")]
-    text = "\n".join(lines)
+    header = (f"Decisive table: SmolLM2-135M byte-ified on the embedded corpus, seed {args.seed}, {BATCH_BYTES}-byte "
+              f"steps, {platform.machine()}, {os.cpu_count()} CPU cores; held-out bits per byte on {n_bytes:,} bytes "
+              f"of the validation split, every row under the same boundary-trained causal entropy patcher "
+              f"({ENTROPY_STEPS} steps, threshold calibrated to the source's bytes per token); this invocation "
+              f"{(time.perf_counter() - t0) / 60:.0f} min.")
+    text = report(res, rows, budgets, header)
     print(text)
     (out / "byteify_quality.md").write_text(text + "\n")
     (out / "byteify_quality.json").write_text(json.dumps({"results": res, "curves": curves}, indent=2, default=str))
