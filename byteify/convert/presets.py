@@ -73,6 +73,15 @@ class WarmStartSpec(_Strict):
     noise_ratio: float | None = Field(1.0, ge=0)
     # content and offsets on a grid exact in bf16 (and a projection whose bf16 rows sum to zero)
     bf16_exact: bool = True
+    # the grid step is 2^unit_exponent: table values are integers times it (|value| <= 256 steps);
+    # a power of two, so every exactness above holds at any step.  It sets the byte states' scale,
+    # which the fresh decoder reads: -6 leaves them ~30x the fresh modules' initial scale
+    unit_exponent: int = Field(-6, ge=-20, le=0)
+    # the last free_dims coordinates of the encoder width are left out of the written content and
+    # offsets (the rank drops to width - free_dims - 1) and hold random n-gram features instead,
+    # drawn like a fresh model's: the projection ignores them (the global reads the same kind of
+    # vectors), while the decoder, which reads the byte states, gets n-gram codes beside them
+    free_dims: int = Field(0, ge=0)
     # the fresh decoder's input projections (and the LM head) blind to the all-ones direction, so
     # they read the byte states' content, not the length offsets (~10x larger) the encoder leaves;
     # measured no better on SmolLM2 (benchmarks/byteify_quality.py row 2b), so off by default

@@ -59,12 +59,18 @@ Design (``../shared/reference/vocabulary-warm-start.md``), as implemented and me
   2.55 out of domain), at twice the table memory and ~30% more FLOPs per byte (the decoder).
   The decoder's input (the encoder's byte states) carries the length offsets (|x| up to ~2.4 per
   coordinate next to content of ~0.2); training has to learn to read past them.
+* **What the decoder reads** (options, measured in ``benchmarks/byteify_quality.py``):
+  ``unit_exponent`` sets the grid step (default 2^-6: byte states ~30x the fresh modules' initial
+  scale; -11 brings them to it; a power of two, so the global's input is the same up to the
+  projection's bf16 rounding); ``free_dims`` f keeps the content and offsets in the first d - f
+  coordinates (rank d - f - 1) and fills the last f with random codes of the byte and its
+  n-grams (a fresh table's draw, 1/sqrt(d) per table), which the projection ignores exactly.
 * **bf16** (``bf16_exact``, default on): content is clipped at ``clip`` standard deviations and
   rounded to a grid, offsets are integers on that grid, and the grid is sized so that every
-  table value, byte embedding and partial sum is an integer multiple of ``2^-6`` of magnitude at
-  most ``256 * 2^-6``: exactly representable in bf16, fp16 and fp32, so the embedding sums, the
-  identity layer and the amax are exact in every dtype (positions hit by collisions can exceed
-  the range and round).  The projection is rounded to bf16-representable values and each row's
+  table value, byte embedding and partial sum is an integer multiple of the grid step
+  (``2^unit_exponent``) of magnitude at most 256 steps: exactly representable in bf16, fp16 and
+  fp32, so the embedding sums, the identity layer and the amax are exact in every dtype
+  (positions hit by collisions can exceed the range and round).  The projection is rounded to bf16-representable values and each row's
   sum is made zero in exact arithmetic, so the offset (up to ~40x the content per coordinate)
   cancels exactly in a bf16 matmul with fp32 accumulation as well.  What bf16 still rounds is
   the projection's weights and outputs (relative 2^-9).  The grid's own cost in fp32: the
@@ -91,7 +97,6 @@ from ..tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE, toke
 BYTE_EMBEDDING = "model.local_encoder.embed_tokens.weight"
 PATCH_PROJECTION = "model.local_encoder.patch_embedding_projection.weight"
 GRID_LIMIT = 256  # bf16 (8 significant bits) represents every integer of magnitude <= 256 exactly
-UNIT = 2.0 ** -6  # the grid step: table values are integers times UNIT (|value| <= 4)
 PRIMES = [1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899, 9576890767, 3628273133,
           2860486313, 5463458053, 3367900313]  # transformers' compute_hash_embeddings
 
@@ -110,6 +115,12 @@ class WarmStart:
     stats: dict = field(default_factory=dict)
     token_vectors: torch.Tensor | None = None  # [V, d] F(v) for every token (keep_token_vectors only)
     centred: list[str] = field(default_factory=list)  # decoder weights whose rows get their mean removed
+    free: int = 0  # the last ``free`` coordinates: random n-gram features (``free_dims``)
+    free_std: float = 0.0
+    seed: int = 0
+
+    def _free_features(self, rows: int, gen: torch.Generator) -> torch.Tensor:
+        return (torch.randn(rows, self.free, generator=gen) * self.free_std).clamp_(-3 * self.free_std, 3 * self.free_std)
 
     def small_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor name -> value for every encoder tensor the warm start sets (not the hash table)."""
@@ -123,9 +134,12 @@ class WarmStart:
         entries scattered in; only one block and the (sparse) entries are ever held."""
         d = self.entries.shape[1]
         lo = 0
+        gen = torch.Generator().manual_seed(self.seed + 2)
         for start in range(0, total_rows, rows):
             stop = min(total_rows, start + rows)
             block = torch.zeros(stop - start, d, dtype=dtype)
+            if self.free:
+                block[:, d - self.free:] = self._free_features(stop - start, gen).to(dtype)
             hi = int(torch.searchsorted(self.rows, stop))
             if hi > lo:
                 block[self.rows[lo:hi] - start] = self.entries[lo:hi].to(dtype)
@@ -206,17 +220,19 @@ def ngram_traffic(documents, sizes: list[int], buckets: int, prime: int = PRIMES
     return out
 
 
-def rotated_basis(d: int, r: int, seed: int) -> torch.Tensor:
-    """``B`` (d x r, float64): orthonormal columns orthogonal to the all-ones vector, a random
-    rotation drawn from ``seed`` (reproducible on every platform: torch's CPU generator)."""
-    if r > d - 1:
-        raise ByteifyError(f"vocab_warm_start: rank {r} > encoder width - 1 = {d - 1}")
-    g = torch.randn(d, r, generator=torch.Generator().manual_seed(seed + 7919), dtype=torch.float64)
+def rotated_basis(d: int, r: int, seed: int, free: int = 0) -> torch.Tensor:
+    """``B`` (d x r, float64): orthonormal columns orthogonal to the all-ones vector of the first
+    ``d - free`` coordinates and zero on the last ``free``, a random rotation drawn from ``seed``
+    (reproducible on every platform: torch's CPU generator)."""
+    c = d - free
+    if r > c - 1:
+        raise ByteifyError(f"vocab_warm_start: rank {r} > encoder width - free_dims - 1 = {c - 1}")
+    g = torch.randn(c, r, generator=torch.Generator().manual_seed(seed + 7919), dtype=torch.float64)
     g -= g.mean(0, keepdim=True)
     with one_thread():
         q, _ = torch.linalg.qr(g)
     q -= q.mean(0, keepdim=True)  # exact orthogonality to 1 up to float64 rounding
-    return q
+    return torch.cat([q, q.new_zeros(free, r)])
 
 
 @contextlib.contextmanager
@@ -351,21 +367,33 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     # 5. writers, n-gram size by size; entries against the realised sums
     table = _write_tables(layout, token_bytes, g, byte_units, priority, spec, documents, stats)
     rows, entries, owners = table.finish()
-    token_vectors = g.f_units(torch.arange(vocab), g.lam) * UNIT if keep_token_vectors else None
+    free = spec.free_dims
+    if free:  # the offsets leave the free coordinates (the content is zero there already)
+        entries[:, d - free:] = 0
+        byte_units[:, d - free:] = 0
+    unit = 2.0 ** spec.unit_exponent  # the grid step
+    token_vectors = g.f_units(torch.arange(vocab), g.lam) * unit if keep_token_vectors else None
+    if token_vectors is not None and free:
+        token_vectors[:, d - free:] = 0
     stats["entries"] = len(rows)
     stats["max_abs_units"] = float(entries.abs().max()) if len(entries) else 0.0
     stats["exact_in_bf16"] = bool(spec.bf16_exact and stats["max_abs_units"] <= GRID_LIMIT)
     # 6. the projection: content units -> U U^T e
     projection = _projection(u, basis, g.gain, spec)
-    stats.update({"grid_content_units": g.m, "offset_units_per_byte": g.b, "centre": g.c0, "unit": UNIT,
+    stats.update({"grid_content_units": g.m, "offset_units_per_byte": g.b, "centre": g.c0, "unit": unit,
                   "content_std": sigma, "gain": g.gain, "frequencies": "corpus" if counts is not None else "uniform",
                   "max_offset_length": g.lam_max})
     if log:
         log(f"warm start: {stats['entries']:,} table entries, collisions {stats['collisions']}")
-    return WarmStart(byte_embeddings=(byte_units * UNIT).to(torch.float32), rows=rows,
-                     entries=(entries * UNIT).to(torch.float32), projection=projection,
-                     zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors,
-                     centred=decoder_readers(config) if spec.decoder_ignores_offset else [])
+    ws = WarmStart(byte_embeddings=(byte_units * unit).to(torch.float32), rows=rows,
+                   entries=(entries * unit).to(torch.float32), projection=projection,
+                   zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors,
+                   centred=decoder_readers(config) if spec.decoder_ignores_offset else [],
+                   free=free, free_std=d ** -0.5, seed=seed)
+    if free:  # the bytes' features from their own generator, the table's in table_chunks
+        ws.byte_embeddings[:, d - free:] = ws._free_features(VOCAB_SIZE, torch.Generator().manual_seed(seed + 3))
+    stats["free_dims"] = free
+    return ws
 
 
 # ---- 1. weights and the weighted Gram matrix -> U, B ---------------------------------------------
@@ -396,11 +424,12 @@ def _principal_basis(embedding_blocks, D: int, d: int, spec, tokenizer, counts, 
     weights = (counts[:vocab] + 1.0) if counts is not None else torch.ones(vocab, dtype=torch.float64)
     with one_thread():  # small dense linear algebra: threads only wait on each other (12 s vs 0.07 s)
         evals, evecs = torch.linalg.eigh(gram)
-    r = min(spec.rank or d - 1, d - 1, D)
+    c = d - spec.free_dims  # the coordinates that hold content
+    r = min(spec.rank or c - 1, D)
     u = evecs[:, -r:].flip(1)  # D x r, largest first
     stats["rank"] = r
     stats["energy_kept"] = float(evals[-r:].sum() / evals.sum())
-    return counts, weights, u, rotated_basis(d, r, seed)
+    return counts, weights, u, rotated_basis(d, r, seed, spec.free_dims)
 
 
 # ---- 2. content of every token ----------------------------------------------------------------
@@ -428,7 +457,7 @@ def _token_lengths(token_bytes: list[bytes | None], vocab: int) -> torch.Tensor:
 
 @dataclass
 class _Grid:
-    """Every token's content in grid units and the length offsets: ``F(v)`` in units of ``UNIT``."""
+    """Every token's content in grid units and the length offsets: ``F(v)`` in grid steps."""
 
     content_units: torch.Tensor  # [V, d] float32: content clipped to +-m (integers when bf16_exact)
     lengths: torch.Tensor  # [V] int64: bytes per token
@@ -705,8 +734,13 @@ def _write_size(table: _TableEntries, n: int, keys: list[bytes], winners: list[i
 def _projection(u: torch.Tensor, basis: torch.Tensor, gain: float, spec) -> torch.Tensor:
     """``U B^T / (2 g)`` (D x d; content units -> U U^T e): bf16-representable with rows summing to
     zero when ``bf16_exact``."""
-    projection = u @ basis.T / (2.0 * gain * UNIT)  # D x d
-    return bf16_zero_sum_rows(projection) if spec.bf16_exact else projection.to(torch.float32)
+    projection = u @ basis.T / (2.0 * gain * 2.0 ** spec.unit_exponent)  # D x d, zero on the free coordinates
+    if not spec.bf16_exact:
+        return projection.to(torch.float32)
+    c = projection.shape[1] - spec.free_dims
+    out = torch.zeros(projection.shape, dtype=torch.float32)
+    out[:, :c] = bf16_zero_sum_rows(projection[:, :c])
+    return out
 
 
 class SparseHashTable(torch.nn.Module):

@@ -232,6 +232,64 @@ def test_bf16_is_exact_on_the_grid(setup):
     assert errs[True] < 0.02 and errs[False] > 2 * errs[True], errs
 
 
+
+def test_grid_step_scales_the_tables_not_the_patch_vectors(setup):
+    """``unit_exponent`` -11 instead of -6: every byte embedding and table entry exactly 1/32 of
+    the default's, the projection 32x (to bf16 rounding), the stock sums in bf16 still exact, and
+    the patch vectors the global reads the same within bf16 rounding of the projection."""
+    config, a = plan(setup)
+    _, b = plan(setup, ["vocab_warm_start.unit_exponent=-11"])
+    assert a.stats["unit"] == 2.0 ** -6 and b.stats["unit"] == 2.0 ** -11
+    assert torch.equal(b.byte_embeddings * 32, a.byte_embeddings) and torch.equal(b.entries * 32, a.entries)
+    assert torch.equal(a.rows, b.rows)
+    assert torch.allclose(b.projection, 32 * a.projection, rtol=2 ** -8, atol=0)
+    data = held_out_text(1500)
+    _, sa = hash_sums(config, a, data, torch.float32)
+    _, sb16 = hash_sums(config, b, data, torch.bfloat16)
+    assert torch.equal(sb16.float() * 32, sa)
+    va = sa.double() @ a.projection.double().T
+    vb = (sb16 @ b.projection.to(torch.bfloat16).T).double()
+    rel = float(((vb - va).norm(dim=1) / va.norm(dim=1)).median())
+    assert rel < 0.02, rel
+
+
+
+def test_free_dims_hold_random_ngram_codes_the_projection_ignores(setup):
+    """``free_dims`` f: the content and offsets live in the first width - f coordinates (rank
+    width - f - 1, still recovered within 10%), the telescoping identity holds there bit for bit,
+    the projection is exactly zero on the last f, and those hold random codes of the byte and its
+    n-grams at the fresh init's scale (1/sqrt(width) per table), different for different n-grams."""
+    f = 16
+    config, ws = plan(setup, [f"vocab_warm_start.free_dims={f}", "vocab_warm_start.frequencies=uniform"], counts=None)
+    d = config.encoder_config.hidden_size
+    c = d - f
+    assert ws.stats["rank"] == c - 1 and ws.stats["free_dims"] == f
+    assert torch.equal(ws.projection[:, c:], torch.zeros(ws.projection.shape[0], f))
+    assert float(ws.projection[:, :c].double().sum(1).abs().max()) < 1e-6
+    tb = token_byte_strings(setup.tok)
+    data = held_out_text()
+    longest = longest_suffix_tokens(data, tb, max_len=8)
+    ids, sums = hash_sums(config, ws, data)
+    clean = clean_positions(config, ws, ids, longest, tb)
+    assert len(clean) > 0.9 * len(data)
+    expected = ws.token_vectors[torch.tensor([longest[t - 1] for t in clean])]
+    assert torch.equal(sums[clean][:, :c], expected[:, :c])
+    codes = sums[1:, c:]
+    n_terms = 1 + len(config.encoder_hash_byte_group_size)
+    assert abs(float(codes.std()) / (n_terms ** 0.5 * d ** -0.5) - 1) < 0.2
+    trigrams = {}
+    for t in range(3, ids.shape[1]):
+        trigrams.setdefault(tuple(ids[0, t - 2:t + 1].tolist()), t)
+    firsts = torch.tensor(sorted(trigrams.values()))
+    assert torch.unique(sums[firsts, c:], dim=0).shape[0] == len(firsts)
+    ids_tok = torch.tensor([i for i, s in enumerate(tb) if s])
+    _, _, vh = torch.linalg.svd(setup.emb.double(), full_matrices=False)
+    u = vh[:c - 1].T
+    target = (setup.emb.double()[ids_tok] @ u @ u.T).float()
+    got = 2 * ws.token_vectors[ids_tok] @ ws.projection.T
+    assert float(((got - target).norm(dim=1) / target.norm(dim=1)).pow(2).mean().sqrt()) < 0.10
+
+
 # ---- through byteify convert ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def converted(setup):
