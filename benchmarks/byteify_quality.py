@@ -298,14 +298,13 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
     variants = {"2b": ("convert-warm-blind", "vocab_warm_start.decoder_ignores_offset=true", "vocab_warm_start.unit_exponent=-6"),
                 "2s": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
-                "2q": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")}
+                "2q": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384"),
+                "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     for key, (name, *options) in variants.items():
         if key in rows:
             sets = [x for o in options for x in ("--set", o)]
             starts[key] = with_patcher(convert(work, name, "--preset", "warm", *sets), patcher, work / f"start-{key}")
     starts["2h"] = starts["2"]
-    if "2d" in rows:
-        starts["2d"] = starts["2s"]
     if "4" in rows:
         starts["4"] = random_global(starts["2"], work / "start-4", seed + 1)
     if "5" in rows:

@@ -57,12 +57,12 @@ Design (``../shared/reference/vocabulary-warm-start.md``), as implemented and me
   ``warm`` preset; the decoder, which reads the encoder's byte states, is then as wide too)
   beats ``k = 2`` clearly (SmolLM2, 131,072 buckets: 1.44 vs 1.53 bits/byte held-out, 2.19 vs
   2.55 out of domain), at twice the table memory and ~30% more FLOPs per byte (the decoder).
-  The decoder's input (the encoder's byte states) carries the length offsets (|x| up to ~2.4 per
-  coordinate next to content of ~0.2); training has to learn to read past them.
+  The decoder's input (the encoder's byte states) carries the length offsets (at grid step 2^-6
+  |x| up to ~2.4 per coordinate next to content of ~0.2); training has to learn to read past them.
 * **What the decoder reads** (options, measured in ``benchmarks/byteify_quality.py``):
-  ``unit_exponent`` sets the grid step (default 2^-6: byte states ~30x the fresh modules' initial
-  scale; -11 brings them to it; a power of two, so the global's input is the same up to the
-  projection's bf16 rounding); ``free_dims`` f keeps the content and offsets in the first d - f
+  ``unit_exponent`` sets the grid step (default 2^-11: the byte states at the fresh modules'
+  initial scale; 2^-6 left them ~30x larger and trained slower, rows 2s vs 2; a power of two, so
+  the global's input is the same up to the projection's bf16 rounding); ``free_dims`` f keeps the content and offsets in the first d - f
   coordinates (rank d - f - 1) and fills the last f with random codes of the byte and its
   n-grams (a fresh table's draw, 1/sqrt(d) per table), which the projection ignores exactly.
 * **bf16** (``bf16_exact``, default on): content is clipped at ``clip`` standard deviations and
@@ -70,8 +70,8 @@ Design (``../shared/reference/vocabulary-warm-start.md``), as implemented and me
   table value, byte embedding and partial sum is an integer multiple of the grid step
   (``2^unit_exponent``) of magnitude at most 256 steps: exactly representable in bf16, fp16 and
   fp32, so the embedding sums, the identity layer and the amax are exact in every dtype
-  (positions hit by collisions can exceed the range and round).  The projection is rounded to bf16-representable values and each row's
-  sum is made zero in exact arithmetic, so the offset (up to ~40x the content per coordinate)
+  (positions hit by collisions can exceed the range and round).  The projection is rounded to
+  bf16-representable values and each row's sum is made zero in exact arithmetic, so the offset (up to ~40x the content per coordinate)
   cancels exactly in a bf16 matmul with fp32 accumulation as well.  What bf16 still rounds is
   the projection's weights and outputs (relative 2^-9).  The grid's own cost in fp32: the
   content is quantised to ~1/14 of 4 standard deviations (relative error ~8%), measured
@@ -225,6 +225,8 @@ def rotated_basis(d: int, r: int, seed: int, free: int = 0) -> torch.Tensor:
     ``d - free`` coordinates and zero on the last ``free``, a random rotation drawn from ``seed``
     (reproducible on every platform: torch's CPU generator)."""
     c = d - free
+    if c < 2:
+        raise ByteifyError(f"vocab_warm_start: free_dims {free} leaves fewer than 2 of the encoder's {d} coordinates")
     if r > c - 1:
         raise ByteifyError(f"vocab_warm_start: rank {r} > encoder width - free_dims - 1 = {c - 1}")
     g = torch.randn(c, r, generator=torch.Generator().manual_seed(seed + 7919), dtype=torch.float64)
