@@ -19,7 +19,9 @@ echo "== wheel $(basename "$WHEEL"): top-level modules: $(unzip -Z1 "$WHEEL" | c
 if python -c "import cli" 2>/dev/null; then echo "FAIL: a generic top-level 'cli' module is installed"; exit 1; fi
 python -m byteify --help >/dev/null
 byteify --version
-n=$(byteify recipes ls | tee /dev/stderr | wc -l)
+listing=$(byteify recipes ls)  # (not `tee /dev/stderr`: opening it truncates a log that stderr goes to)
+echo "$listing"
+n=$(printf '%s\n' "$listing" | wc -l)
 want=$(ls "$ROOT"/recipes/*.yaml | wc -l)
 [ "$n" -eq "$want" ] || { echo "FAIL: 'byteify recipes ls' listed $n recipes, the checkout ships $want"; exit 1; }
 python - <<'PY'
