@@ -127,15 +127,6 @@ PRESETS: dict[str, dict] = {
         "vocab_warm_start": {"enabled": True},
         "hash": {"ngram_sizes": [2, 3, 4, 5, 6, 7, 8], "vocab_size": 131072},
     },
-    # The warm start with 16,384 buckets per n-gram size (SmolLM2: 66M table parameters): a looser
-    # step-0 bound (1.52x, still within the 1.6x gate) but small enough for every part, the tables
-    # too, to train; with the smollm2-135m recipe the best row measured (2.576 bits/byte after
-    # ~460 KB vs 2.706 without a warm start; benchmarks/byteify_quality.py row 2q).
-    "warm-16k": {
-        "cross_attn_k": 1,
-        "vocab_warm_start": {"enabled": True},
-        "hash": {"ngram_sizes": [2, 3, 4, 5, 6, 7, 8], "vocab_size": 16384},
-    },
     # The released BLT-1B's local sizes (3B parameters of hash tables: GPU only).
     "blt-1b": {
         "cross_attn_k": 2,
@@ -145,6 +136,11 @@ PRESETS: dict[str, dict] = {
         "hash": {"vocab_size": 500002},
     },
 }
+# The warm start with 16,384 buckets per n-gram size (SmolLM2: 66M table parameters): a looser
+# step-0 bound (1.52x, still within the 1.6x gate) but small enough for every part, the tables
+# too, to train; with the smollm2-135m recipe the best row measured (2.576 bits/byte after
+# ~460 KB vs 2.706 without a warm start; benchmarks/byteify_quality.py row 2q).
+PRESETS["warm-16k"] = {**PRESETS["warm"], "hash": {**PRESETS["warm"]["hash"], "vocab_size": 16384}}
 
 
 def load_spec(preset: str | None = "auto", overrides: list[str] | None = None) -> ArchitectureSpec:

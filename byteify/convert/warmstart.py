@@ -62,17 +62,18 @@ Design (``../shared/reference/vocabulary-warm-start.md``), as implemented and me
 * **What the decoder reads** (options, measured in ``benchmarks/byteify_quality.py``):
   ``unit_exponent`` sets the grid step (default 2^-11: the byte states at the fresh modules'
   initial scale; 2^-6 left them ~30x larger and trained slower, rows 2s vs 2; a power of two, so
-  the global's input is the same up to the projection's bf16 rounding); ``free_dims`` f keeps the content and offsets in the first d - f
-  coordinates (rank d - f - 1) and fills the last f with random codes of the byte and its
-  n-grams (a fresh table's draw, 1/sqrt(d) per table), which the projection ignores exactly.
+  the global's input is the same up to the projection's bf16 rounding); ``free_dims`` f keeps
+  the content and offsets in the first d - f coordinates (rank d - f - 1) and fills the last f
+  with random codes of the byte and its n-grams (a fresh table's draw, 1/sqrt(d) per table),
+  which the projection ignores exactly.
 * **bf16** (``bf16_exact``, default on): content is clipped at ``clip`` standard deviations and
   rounded to a grid, offsets are integers on that grid, and the grid is sized so that every
   table value, byte embedding and partial sum is an integer multiple of the grid step
   (``2^unit_exponent``) of magnitude at most 256 steps: exactly representable in bf16, fp16 and
   fp32, so the embedding sums, the identity layer and the amax are exact in every dtype
   (positions hit by collisions can exceed the range and round).  The projection is rounded to
-  bf16-representable values and each row's sum is made zero in exact arithmetic, so the offset (up to ~40x the content per coordinate)
-  cancels exactly in a bf16 matmul with fp32 accumulation as well.  What bf16 still rounds is
+  bf16-representable values and each row's sum is made zero in exact arithmetic, so the offset
+  (up to ~40x the content per coordinate) cancels exactly in a bf16 matmul with fp32 accumulation as well.  What bf16 still rounds is
   the projection's weights and outputs (relative 2^-9).  The grid's own cost in fp32: the
   content is quantised to ~1/14 of 4 standard deviations (relative error ~8%), measured
   +0.003 bits/byte.
@@ -116,11 +117,14 @@ class WarmStart:
     token_vectors: torch.Tensor | None = None  # [V, d] F(v) for every token (keep_token_vectors only)
     centred: list[str] = field(default_factory=list)  # decoder weights whose rows get their mean removed
     free: int = 0  # the last ``free`` coordinates: random n-gram features (``free_dims``)
-    free_std: float = 0.0
     seed: int = 0
 
     def _free_features(self, rows: int, gen: torch.Generator) -> torch.Tensor:
-        return (torch.randn(rows, self.free, generator=gen) * self.free_std).clamp_(-3 * self.free_std, 3 * self.free_std)
+        """``rows`` random feature rows, drawn as a fresh hash table is (``fresh_parts``)."""
+        from .fresh import trunc_normal_by_rejection_
+
+        std = self.entries.shape[1] ** -0.5
+        return trunc_normal_by_rejection_(torch.empty(rows, self.free), std=std, a=-3 * std, b=3 * std, generator=gen)
 
     def small_tensors(self) -> dict[str, torch.Tensor]:
         """Tensor name -> value for every encoder tensor the warm start sets (not the hash table)."""
@@ -391,7 +395,7 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
                    entries=(entries * unit).to(torch.float32), projection=projection,
                    zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors,
                    centred=decoder_readers(config) if spec.decoder_ignores_offset else [],
-                   free=free, free_std=d ** -0.5, seed=seed)
+                   free=free, seed=seed)
     if free:  # the bytes' features from their own generator, the table's in table_chunks
         ws.byte_embeddings[:, d - free:] = ws._free_features(VOCAB_SIZE, torch.Generator().manual_seed(seed + 3))
     stats["free_dims"] = free
