@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,8 @@ def convert(
         layer_entries = list(source.layer_entries())
         fresh_bytes = sum(math.prod(shape) for shape in fresh_shapes(config).values()) * out_dtype.itemsize
         total = sum(source.nbytes(n) for n, _, _ in layer_entries) + fresh_bytes
+        copied = [n for n, _, _ in layer_entries] + [n for n, _, _ in source.side_entries()]
+        _check_disk_space(out, tmp, fresh_bytes + out_dtype.itemsize * sum(math.prod(source.shape(n)) for n in copied))
         writer = ShardWriter(tmp, max_bytes)
         tokenizer, warm = None, None
         if resolved.vocab_warm_start.enabled:  # from the source's own embeddings, whatever the output dtype
@@ -216,6 +219,17 @@ def convert(
                 )
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_disk_space(out: Path, tmp: Path, need: int) -> None:
+    """Refuse before writing any weight when the output's file system cannot hold ``need`` bytes of
+    them (64 MiB more for headers, config, tokenizer and index files)."""
+    free = shutil.disk_usage(tmp).free
+    if need + (64 << 20) > free:
+        raise ByteifyError(
+            f"{out}: not enough disk space for the conversion: it writes {need / 2**20:,.1f} MiB of weights, "
+            f"{free / 2**20:,.1f} MiB free (choose another output directory, or --dtype bf16 to halve it)"
+        )
 
 
 def _write_side_weights(source: SourceCheckpoint, tmp: Path, out_dtype: torch.dtype) -> float | None:

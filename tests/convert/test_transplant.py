@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import weakref
 
 import pytest
@@ -121,6 +122,30 @@ def test_bf16_output(sources, tiny_spec, tmp_path):
     assert transplant_rel_diff(ref, out) <= TOL
     # ... and against the fp32 source it is off by bf16 rounding, which the check can see.
     assert transplant_rel_diff(src.reference(), out) > TOL
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_disk_space_estimate_and_refusal(sources, tiny_spec, tmp_path, monkeypatch, dtype):
+    """The conversion measures what it will write before writing: the weight bytes exactly (the
+    headers go in a 64 MiB allowance), and a file system with less room is refused before any byte lands."""
+    src = sources("mha-untied-fp32")
+    seen = []
+    check = conversion._check_disk_space
+    monkeypatch.setattr(conversion, "_check_disk_space",
+                        lambda out, tmp, need: (seen.append(need), check(out, tmp, need)))
+    out = tmp_path / "ok"
+    convert(open_source(src.path), out, tiny_spec, dtype=dtype, progress=False, verify=False)
+    written = sum(e["data_offsets"][1] - e["data_offsets"][0] for f in out.rglob("*.safetensors")
+                  for k, e in safetensors_header(f).items() if k != "__metadata__")
+    assert seen == [written]
+
+    monkeypatch.setattr(conversion.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 << 20})())
+    refused = tmp_path / "full"
+    want = (f"{refused}: not enough disk space for the conversion: "
+            f"it writes {seen[0] / 2**20:,.1f} MiB of weights, 10.0 MiB free")
+    with pytest.raises(ByteifyError, match=re.escape(want)):
+        convert(open_source(src.path), refused, tiny_spec, dtype=dtype, progress=False, verify=False)
+    assert leftovers(refused) == []
 
 
 def test_seed_reproducibility(sources, tiny_spec, tmp_path):
