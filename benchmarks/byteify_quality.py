@@ -38,8 +38,8 @@ documents (the recipes' split: never trained on), with ``byteify eval``'s code; 
 Also the step-0 gate for both conversions (``byteify eval --teacher-forced-bound``).
 
 Every run is resumable: rerun the same command and finished runs are skipped, interrupted ones
-resume from their newest checkpoint (``--resume auto``).  Budgets: ``--budgets 460,1500`` (KB of
-training text per row; 4 KB per step).
+resume from their newest checkpoint (``--resume auto``); ``--report-only`` writes the table from the
+runs finished so far.  Budgets: ``--budgets 460,1500`` (KB of training text per row; 4 KB per step).
 
 Usage: nice -n 5 .venv/bin/python benchmarks/byteify_quality.py [--budgets 460] [--rows 1,2,3,4,5]
        [--work /tmp/byteify-quality] [--final-bytes 32768]
@@ -312,8 +312,10 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
     return base, starts
 
 
-def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs, seed: int):
-    """Step-0 and per-budget results of every row (cached per run), and its validation curves."""
+def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs, seed: int,
+             report_only: bool = False):
+    """Step-0 and per-budget results of every row (cached per run), and its validation curves;
+    ``report_only``: the runs finished so far, nothing started or resumed."""
     res, curves = {}, {}
     for key in [r for r in rows if r != "1"]:
         res[key] = {"step0": cached(work / f"eval-{key}-step0.json", lambda key=key: evaluate(starts[key], docs))}
@@ -321,7 +323,10 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
             steps = round(kb * 1024 / BATCH_BYTES)
             recipe = (warm_recipe(steps, distill=key == "2d") if key in ("2", "4", "2b", "2d", "2s", "2f")
                       else plain_recipe(steps))
-            run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
+            name = f"{key}-{kb}kb"
+            if report_only and not done(work / "runs" / name):
+                continue
+            run = run_recipe(work, name, starts[key], recipe, max(2, steps // 6), seed)
             final = cached(run / "final-eval.json", lambda run=run: evaluate(newest_model(run), docs))
             s = summary(run)
             res[key][kb] = {**final, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
@@ -338,7 +343,8 @@ def report(res: dict, rows: list[str], budgets: list[int], header: str) -> str:
     for key in ["1"] + [r for r in rows if r != "1"]:
         r = res[key]
         cells = [f"{r[kb]['bpb']:.3f}" if kb in r else "-" for kb in budgets] if key != "1" else ["-"] * len(budgets)
-        step = f"{r[budgets[-1]]['s_per_step']:.1f}" if budgets[-1] in r else "-"
+        ran = [kb for kb in budgets if kb in r]
+        step = f"{r[ran[-1]]['s_per_step']:.1f}" if ran else "-"
         lines.append(f"| {key} | {NAMES[key]} | {r['step0']['bpb']:.3f} | " + " | ".join(cells) + f" | {step} |")
     lines += ["", ("Step-0 gate (teacher-forced bound: the source model fed the converted BLT's patch vectors, "
               "one patch per source token; target within 1.6x of the exact-embedding figure):"), "",
@@ -365,6 +371,8 @@ def main():
     ap.add_argument("--final-bytes", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the table from the runs finished so far (unfinished cells '-'), train nothing")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -375,7 +383,7 @@ def main():
     base, starts = starting_models(work, rows, args.seed)
     docs = held_out_docs(args.final_bytes)
     n_bytes = sum(len(d) for d in docs)
-    res, curves = run_rows(work, rows, budgets, starts, docs, args.seed)
+    res, curves = run_rows(work, rows, budgets, starts, docs, args.seed, args.report_only)
     res["1"] = {"step0": cached(work / "eval-source.json", lambda: {"bpb": source_bpb(base, docs)})}
     res["gate"] = {key: cached(work / f"gate-{key}.json", lambda key=key: step0_gate(starts[key], base, docs))
                    for key in GATES if key in ("2", "3") or key in rows}
