@@ -73,8 +73,9 @@ Design (``../shared/reference/vocabulary-warm-start.md``), as implemented and me
   fp32, so the embedding sums, the identity layer and the amax are exact in every dtype
   (positions hit by collisions can exceed the range and round).  The projection is rounded to
   bf16-representable values and each row's sum is made zero in exact arithmetic, so the offset
-  (up to ~40x the content per coordinate) cancels exactly in a bf16 matmul with fp32 accumulation as well.  What bf16 still rounds is
-  the projection's weights and outputs (relative 2^-9).  The grid's own cost in fp32: the
+  (up to ~40x the content per coordinate) cancels exactly in a bf16 matmul with fp32
+  accumulation as well.  What bf16 still rounds is the projection's weights and outputs
+  (relative 2^-9).  The grid's own cost in fp32: the
   content is quantised to ~1/14 of 4 standard deviations (relative error ~8%), measured
   +0.003 bits/byte.
 * **Memory**: the source embeddings are read twice in row blocks (D x D Gram matrix, then the
