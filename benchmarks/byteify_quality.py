@@ -38,8 +38,13 @@ documents (the recipes' split: never trained on), with ``byteify eval``'s code; 
 Also the step-0 gate for both conversions (``byteify eval --teacher-forced-bound``).
 
 Every run is resumable: rerun the same command and finished runs are skipped, interrupted ones
-resume from their newest checkpoint (``--resume auto``); ``--report-only`` writes the table from the
-runs finished so far.  Budgets: ``--budgets 460,1500`` (KB of training text per row; 4 KB per step).
+resume from their newest checkpoint (``--resume auto``).  The results file
+(``benchmarks/results/byteify_quality.json``, kept in git) is the record of every run finished so
+far: each invocation lays the runs it finished (and those it finds finished in ``--work``) over it,
+so runs spread over sessions and machines (the work directory is scratch) add up to one table;
+``--report-only`` trains and converts nothing, it only rewrites the table from the record.  A
+record made with another seed, held-out size or step size is not merged.  Budgets: ``--budgets
+460,1500`` (KB of training text per row; 4 KB per step).
 
 Usage: nice -n 5 .venv/bin/python benchmarks/byteify_quality.py [--budgets 460] [--rows 1,2,3,4,5]
        [--work /tmp/byteify-quality] [--final-bytes 32768]
@@ -312,10 +317,8 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
     return base, starts
 
 
-def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs, seed: int,
-             report_only: bool = False):
-    """Step-0 and per-budget results of every row (cached per run), and its validation curves;
-    ``report_only``: the runs finished so far, nothing started or resumed."""
+def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs, seed: int):
+    """Step-0 and per-budget results of every row (cached per run), and its validation curves."""
     res, curves = {}, {}
     for key in [r for r in rows if r != "1"]:
         res[key] = {"step0": cached(work / f"eval-{key}-step0.json", lambda key=key: evaluate(starts[key], docs))}
@@ -323,16 +326,46 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
             steps = round(kb * 1024 / BATCH_BYTES)
             recipe = (warm_recipe(steps, distill=key == "2d") if key in ("2", "4", "2b", "2d", "2s", "2f")
                       else plain_recipe(steps))
-            name = f"{key}-{kb}kb"
-            if report_only and not done(work / "runs" / name):
-                continue
-            run = run_recipe(work, name, starts[key], recipe, max(2, steps // 6), seed)
-            final = cached(run / "final-eval.json", lambda run=run: evaluate(newest_model(run), docs))
-            s = summary(run)
-            res[key][kb] = {**final, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
-                            "s_per_step": s["wall_seconds"] / steps}
-            curves[f"{key}: {NAMES[key]} ({kb} KB)"] = curve(run)
+            run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
+            res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
         print(key, res[key], flush=True)
+    return res, curves
+
+
+def curve_name(key: str, kb: int) -> str:
+    return f"{key}: {NAMES[key]} ({kb} KB)"
+
+
+def finished_cell(run: Path, docs) -> tuple[dict, list]:
+    """(table cell, validation curve) of a finished run."""
+    steps = round(int(run.name.rsplit("-", 1)[1].removesuffix("kb")) * 1024 / BATCH_BYTES)
+    final = cached(run / "final-eval.json", lambda: evaluate(newest_model(run), docs))
+    s = summary(run)
+    return {**final, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
+            "s_per_step": s["wall_seconds"] / steps}, curve(run)
+
+
+def recorded_results(path: Path, config: dict, work: Path, rows: list[str], budgets: list[int], docs):
+    """(results, curves): the results file's record when it was made with the same ``config``
+    (budget keys back to ints), with the step-0 evaluations and finished runs found in ``work``
+    laid over it (nothing is trained or converted)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("config") != config:
+        old = {}
+    res = {key: {int(k) if k.isdigit() and key != "gate" else k: v for k, v in cells.items()}
+           for key, cells in old.get("results", {}).items()}
+    curves = old.get("curves", {})
+    for key in [r for r in rows if r != "1"]:
+        if (work / f"eval-{key}-step0.json").exists():
+            res.setdefault(key, {})["step0"] = json.loads((work / f"eval-{key}-step0.json").read_text())
+        for kb in budgets:
+            if done(work / "runs" / f"{key}-{kb}kb") and "step0" in res.get(key, {}):
+                res[key][kb], curves[curve_name(key, kb)] = finished_cell(work / "runs" / f"{key}-{kb}kb", docs)
+    if (work / "eval-source.json").exists():
+        res["1"] = {"step0": json.loads((work / "eval-source.json").read_text())}
+    for key in GATES:
+        if (work / f"gate-{key}.json").exists():
+            res.setdefault("gate", {})[key] = json.loads((work / f"gate-{key}.json").read_text())
     return res, curves
 
 
@@ -340,7 +373,7 @@ def report(res: dict, rows: list[str], budgets: list[int], header: str) -> str:
     """The markdown table, the step-0 gate and the criterion."""
     lines = [header, "", "| row | model | step 0 | " + " | ".join(f"after {kb} KB" for kb in budgets) + " | s/step |",
              "|---|---|---:|" + "---:|" * len(budgets) + "---:|"]
-    for key in ["1"] + [r for r in rows if r != "1"]:
+    for key in ["1"] + [r for r in rows if r != "1" and "step0" in res.get(r, {})]:
         r = res[key]
         cells = [f"{r[kb]['bpb']:.3f}" if kb in r else "-" for kb in budgets] if key != "1" else ["-"] * len(budgets)
         ran = [kb for kb in budgets if kb in r]
@@ -372,7 +405,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true",
-                    help="write the table from the runs finished so far (unfinished cells '-'), train nothing")
+                    help="write the table from the results file and the runs finished in --work (unfinished "
+                         "cells '-'); trains and converts nothing")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -380,13 +414,20 @@ def main():
     rows = args.rows.split(",")
     budgets = [int(b) for b in args.budgets.split(",")]
     t0 = time.perf_counter()
-    base, starts = starting_models(work, rows, args.seed)
     docs = held_out_docs(args.final_bytes)
     n_bytes = sum(len(d) for d in docs)
-    res, curves = run_rows(work, rows, budgets, starts, docs, args.seed, args.report_only)
-    res["1"] = {"step0": cached(work / "eval-source.json", lambda: {"bpb": source_bpb(base, docs)})}
-    res["gate"] = {key: cached(work / f"gate-{key}.json", lambda key=key: step0_gate(starts[key], base, docs))
-                   for key in GATES if key in ("2", "3") or key in rows}
+    config = {"seed": args.seed, "final_bytes": args.final_bytes, "batch_bytes": BATCH_BYTES, "seq_len": SEQ_LEN}
+    res, curves = recorded_results(out / "byteify_quality.json", config, work, rows, budgets, docs)
+    if not args.report_only:
+        base, starts = starting_models(work, rows, args.seed)
+        new, new_curves = run_rows(work, rows, budgets, starts, docs, args.seed)
+        for key, cells in new.items():
+            res.setdefault(key, {}).update(cells)
+        curves.update(new_curves)
+        res["1"] = {"step0": cached(work / "eval-source.json", lambda: {"bpb": source_bpb(base, docs)})}
+        res.setdefault("gate", {}).update(
+            {key: cached(work / f"gate-{key}.json", lambda key=key: step0_gate(starts[key], base, docs))
+             for key in GATES if key in ("2", "3") or key in rows})
     header = (f"Decisive table: SmolLM2-135M byte-ified on the embedded corpus, seed {args.seed}, {BATCH_BYTES}-byte "
               f"steps, {platform.machine()}, {os.cpu_count()} CPU cores; held-out bits per byte on {n_bytes:,} bytes "
               f"of the validation split, every row under the same boundary-trained causal entropy patcher "
@@ -395,7 +436,7 @@ def main():
     text = report(res, rows, budgets, header)
     print(text)
     (out / "byteify_quality.md").write_text(text + "\n")
-    (out / "byteify_quality.json").write_text(json.dumps({"results": res, "curves": curves}, indent=2, default=str))
+    (out / "byteify_quality.json").write_text(json.dumps({"config": config, "results": res, "curves": curves}, indent=2, default=str))
     if plot(curves, res["1"]["step0"]["bpb"], out / "byteify_quality.png"):
         print(f"curve: {out / 'byteify_quality.png'}")
 
