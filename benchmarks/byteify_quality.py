@@ -26,6 +26,11 @@ same seed, same training bytes, the same held-out text and the same causal patch
 2d. (``--rows ...,2s,2d``) row 2s with its decoder stage replaced by decoder-half distillation: the
    local decoder reads the teacher's final hidden states on source-token patches and learns the
    teacher's next-byte distributions (dense byte-trie KL), then row 2's end-to-end stage.
+2qd. (``--rows ...,2qd``) row 2q with a first stage of source-aligned distillation (a quarter of
+   the steps, global frozen, patches = source tokens): the decoder half reads the teacher's final
+   states and learns its next-byte distributions (dense byte-trie KL) while the encoder half and
+   the tables learn to feed the first 4 global layers the teacher's states; then row 2q's end to
+   end stage.
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -85,7 +90,8 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2s": "row 2, warm tables at the fresh modules' scale (unit_exponent -11)",
          "2f": "row 2s with 128 of the 576 coordinates random n-gram codes (free_dims 128, rank 447)",
          "2q": "warm start at 16,384 buckets (--preset warm-16k), row 3's recipe: everything trains, hash tables too",
-         "2d": "row 2s, its decoder stage distilled from the teacher (decoder half, dense KL)"}
+         "2d": "row 2s, its decoder stage distilled from the teacher (decoder half, dense KL)",
+         "2qd": "row 2q after a distillation stage (decoder and encoder halves, tables train; a quarter of the steps)"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
@@ -204,6 +210,15 @@ def plain_recipe(steps: int) -> list:
     return [stage("end-to-end", ALL, steps, lr_multipliers={"global": 0.1})]
 
 
+def distill_recipe(steps: int) -> list:
+    """Row 2qd: source-aligned distillation (both halves, the tables train) for a quarter of the
+    steps, then :func:`plain_recipe`'s end to end."""
+    first = max(1, round(steps * DECODER_SHARE))
+    return [stage("distill", ["local_encoder", "hash_embeddings", "local_decoder"], first,
+                  distill={"decoder": True, "encoder": True, "encoder_layers": 4}),
+            *plain_recipe(steps - first)]
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -242,6 +257,23 @@ def evaluate(model_dir: Path, docs) -> dict:
     _, model = load_blt(model_dir, torch.float32, torch.device("cpu"))
     res = evaluate_blt(model, docs, build_patcher(PatchingSpec(mode="entropy"), model))
     return {"bpb": res.bits_per_byte, "bytes_per_patch": res.mean_bytes_per_patch}
+
+
+def other_text_global(model_dir: Path, docs) -> float:
+    """Bits per byte of ``model_dir`` when its decoder reads another window's global states (the
+    global transformer's outputs rolled by one along the batch of 8 windows): what the decoder
+    loses without its own text's global states, i.e. how much it reads the global at all."""
+    from byteify.evaluate import evaluate_blt
+    from byteify.patching.patchers import build_patcher
+    from byteify.patching.spec import PatchingSpec
+    from byteify.resolve import load_blt
+
+    _, model = load_blt(model_dir, torch.float32, torch.device("cpu"))
+    hook = model.model.global_transformer.register_forward_hook(lambda mod, args, out: out.roll(1, dims=0))
+    try:
+        return evaluate_blt(model, docs, build_patcher(PatchingSpec(mode="entropy"), model)).bits_per_byte
+    finally:
+        hook.remove()
 
 
 def source_bpb(base: Path, docs) -> float:
@@ -296,20 +328,21 @@ def plot(curves: dict, source: float, path: Path) -> bool:
 def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[str, Path]]:
     """The default conversion and each row's starting model, all with the one shared patcher."""
     base = convert(work, "convert-auto")
-    warm = convert(work, "convert-warm", "--preset", "warm", "--set", "vocab_warm_start.unit_exponent=-6")
     patcher = entropy_model(work, base)
     starts = {"3": with_patcher(base, patcher, work / "start-3")}
-    starts["2"] = with_patcher(warm, patcher, work / "start-2")
+    if {"2", "2h", "4"} & set(rows):  # the 131,072-bucket tables: 2.7 GB, only for the rows that use them
+        warm = convert(work, "convert-warm", "--preset", "warm", "--set", "vocab_warm_start.unit_exponent=-6")
+        starts["2"] = starts["2h"] = with_patcher(warm, patcher, work / "start-2")
     variants = {"2b": ("convert-warm-blind", "vocab_warm_start.decoder_ignores_offset=true", "vocab_warm_start.unit_exponent=-6"),
                 "2s": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
                 "2q": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384"),
-                "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
+                "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),  # 2s's conversion
+                "2qd": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")}  # 2q's
     for key, (name, *options) in variants.items():
         if key in rows:
             sets = [x for o in options for x in ("--set", o)]
             starts[key] = with_patcher(convert(work, name, "--preset", "warm", *sets), patcher, work / f"start-{key}")
-    starts["2h"] = starts["2"]
     if "4" in rows:
         starts["4"] = random_global(starts["2"], work / "start-4", seed + 1)
     if "5" in rows:
@@ -325,7 +358,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
         for kb in budgets:
             steps = round(kb * 1024 / BATCH_BYTES)
             recipe = (warm_recipe(steps, distill=key == "2d") if key in ("2", "4", "2b", "2d", "2s", "2f")
-                      else plain_recipe(steps))
+                      else distill_recipe(steps) if key == "2qd" else plain_recipe(steps))
             run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
         print(key, res[key], flush=True)
@@ -340,8 +373,9 @@ def finished_cell(run: Path, docs) -> tuple[dict, list]:
     """(table cell, validation curve) of a finished run."""
     steps = round(int(run.name.rsplit("-", 1)[1].removesuffix("kb")) * 1024 / BATCH_BYTES)
     final = cached(run / "final-eval.json", lambda: evaluate(newest_model(run), docs))
+    other = cached(run / "other-text-global.json", lambda: {"bpb_other_global": other_text_global(newest_model(run), docs)})
     s = summary(run)
-    return {**final, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
+    return {**final, **other, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
             "s_per_step": s["wall_seconds"] / steps}, curve(run)
 
 
@@ -387,6 +421,14 @@ def report(res: dict, rows: list[str], budgets: list[int], header: str) -> str:
             continue
         g = res["gate"][key]
         lines.append(f"| {name} | {g['bound_bpb']:.3f} | {g['exact_bpb']:.3f} | {g['ratio']:.2f} |")
+    read = [(key, kb, res[key][kb]) for key in rows if key != "1" for kb in budgets
+            if kb in res.get(key, {}) and "bpb_other_global" in res[key][kb]]
+    if read:
+        lines += ["", "Does the decoder read the global? Held-out bits per byte of the trained model, and with its decoder "
+                  "fed another window's global states (the global's outputs rolled by one along the batch):", "",
+                  "| row | budget | own global | another text's global | loss |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {key} | {kb} KB | {c['bpb']:.3f} | {c['bpb_other_global']:.3f} | +{c['bpb_other_global'] - c['bpb']:.3f} |"
+                  for key, kb, c in read]
     kb = budgets[-1]
     for warm in ("2", "2q"):  # the warm start as first built, and the shipped one
         if kb in res.get(warm, {}) and kb in res.get("5", {}):
@@ -427,7 +469,7 @@ def main():
         res["1"] = {"step0": cached(work / "eval-source.json", lambda: {"bpb": source_bpb(base, docs)})}
         res.setdefault("gate", {}).update(
             {key: cached(work / f"gate-{key}.json", lambda key=key: step0_gate(starts[key], base, docs))
-             for key in GATES if key in ("2", "3") or key in rows})
+             for key in GATES if key in starts and (key in ("2", "3") or key in rows)})
     header = (f"Decisive table: SmolLM2-135M byte-ified on the embedded corpus, seed {args.seed}, {BATCH_BYTES}-byte "
               f"steps, {platform.machine()}, {os.cpu_count()} CPU cores; held-out bits per byte on {n_bytes:,} bytes "
               f"of the validation split, every row under the same boundary-trained causal entropy patcher "
