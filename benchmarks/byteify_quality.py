@@ -31,6 +31,10 @@ same seed, same training bytes, the same held-out text and the same causal patch
    states and learns its next-byte distributions (dense byte-trie KL) while the encoder half and
    the tables learn to feed the first 4 global layers the teacher's states; then row 2q's end to
    end stage.
+2ql. (``--rows ...,2ql``) row 2q with the written parts learning slowly: the local encoder and the
+   hash tables at 0.05x the learning rate, the global at 0.1x, the decoder at 1x (tests whether
+   the full rate overwrites the warm content: table entries are ~0.02 per coordinate and the patch
+   projection amplifies them ~35x, next to Adam's ~1e-3 steps).
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -91,7 +95,8 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2f": "row 2s with 128 of the 576 coordinates random n-gram codes (free_dims 128, rank 447)",
          "2q": "warm start at 16,384 buckets (--preset warm-16k), row 3's recipe: everything trains, hash tables too",
          "2d": "row 2s, its decoder stage distilled from the teacher (decoder half, dense KL)",
-         "2qd": "row 2q after a distillation stage (decoder and encoder halves, tables train; a quarter of the steps)"}
+         "2qd": "row 2q after a distillation stage (decoder and encoder halves, tables train; a quarter of the steps)",
+         "2ql": "row 2q, the warm encoder and tables at 0.05x the learning rate (global 0.1x, decoder 1x)"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
@@ -206,8 +211,8 @@ def warm_recipe(steps: int, distill: bool = False) -> list:
             stage("end-to-end", WARM, steps - dec, lr_multipliers={"global": 0.1})]
 
 
-def plain_recipe(steps: int) -> list:
-    return [stage("end-to-end", ALL, steps, lr_multipliers={"global": 0.1})]
+def plain_recipe(steps: int, multipliers: dict | None = None) -> list:
+    return [stage("end-to-end", ALL, steps, lr_multipliers={"global": 0.1, **(multipliers or {})})]
 
 
 def distill_recipe(steps: int) -> list:
@@ -338,7 +343,8 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
                 "2q": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384"),
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),  # 2s's conversion
-                "2qd": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")}  # 2q's
+                "2qd": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384"),  # 2q's
+                "2ql": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")}
     for key, (name, *options) in variants.items():
         if key in rows:
             sets = [x for o in options for x in ("--set", o)]
@@ -358,7 +364,9 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
         for kb in budgets:
             steps = round(kb * 1024 / BATCH_BYTES)
             recipe = (warm_recipe(steps, distill=key == "2d") if key in ("2", "4", "2b", "2d", "2s", "2f")
-                      else distill_recipe(steps) if key == "2qd" else plain_recipe(steps))
+                      else distill_recipe(steps) if key == "2qd"
+                      else plain_recipe(steps, {"local_encoder": 0.05, "hash_embeddings": 0.05}) if key == "2ql"
+                      else plain_recipe(steps))
             run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
         print(key, res[key], flush=True)
