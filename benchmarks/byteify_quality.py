@@ -478,6 +478,8 @@ def main():
         res.setdefault("gate", {}).update(
             {key: cached(work / f"gate-{key}.json", lambda key=key: step0_gate(starts[key], base, docs))
              for key in GATES if key in starts and (key in ("2", "3") or key in rows)})
+    if "1" not in res:
+        raise SystemExit(f"{out / 'byteify_quality.json'}: no record made with {config}; run without --report-only")
     header = (f"Decisive table: SmolLM2-135M byte-ified on the embedded corpus, seed {args.seed}, {BATCH_BYTES}-byte "
               f"steps, {platform.machine()}, {os.cpu_count()} CPU cores; held-out bits per byte on {n_bytes:,} bytes "
               f"of the validation split, every row under the same boundary-trained causal entropy patcher "
