@@ -242,9 +242,14 @@ def held_out_docs(max_bytes: int) -> list[bytes]:
 
     recipe, _ = load_recipe("smollm2-135m")
     sources = recipe.data.sources
-    val = held_out_documents(sources, decide_holdout(sources, recipe.data.val_fraction, recipe.seed))
+    return first_bytes(held_out_documents(sources, decide_holdout(sources, recipe.data.val_fraction, recipe.seed)),
+                       max_bytes)
+
+
+def first_bytes(docs, max_bytes: int) -> list[bytes]:
+    """The documents, in order, up to ``max_bytes`` bytes in all (the last one cut)."""
     out, n = [], 0
-    for d in val:
+    for d in docs:
         if n >= max_bytes:
             break
         out.append(d[: max_bytes - n])
@@ -330,6 +335,9 @@ def plot(curves: dict, source: float, path: Path) -> bool:
     return True
 
 
+WARM_16K = ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")
+
+
 def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[str, Path]]:
     """The default conversion and each row's starting model, all with the one shared patcher."""
     base = convert(work, "convert-auto")
@@ -341,10 +349,8 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
     variants = {"2b": ("convert-warm-blind", "vocab_warm_start.decoder_ignores_offset=true", "vocab_warm_start.unit_exponent=-6"),
                 "2s": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
-                "2q": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384"),
-                "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),  # 2s's conversion
-                "2qd": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384"),  # 2q's
-                "2ql": ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")}
+                "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K,  # one conversion, three recipes
+                "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     for key, (name, *options) in variants.items():
         if key in rows:
             sets = [x for o in options for x in ("--set", o)]
@@ -379,12 +385,11 @@ def curve_name(key: str, kb: int) -> str:
 
 def finished_cell(run: Path, docs) -> tuple[dict, list]:
     """(table cell, validation curve) of a finished run."""
-    steps = round(int(run.name.rsplit("-", 1)[1].removesuffix("kb")) * 1024 / BATCH_BYTES)
     final = cached(run / "final-eval.json", lambda: evaluate(newest_model(run), docs))
     other = cached(run / "other-text-global.json", lambda: {"bpb_other_global": other_text_global(newest_model(run), docs)})
     s = summary(run)
     return {**final, **other, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
-            "s_per_step": s["wall_seconds"] / steps}, curve(run)
+            "s_per_step": s["wall_seconds"] / s["steps"]}, curve(run)
 
 
 def recorded_results(path: Path, config: dict, work: Path, rows: list[str], budgets: list[int], docs):

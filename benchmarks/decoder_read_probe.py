@@ -112,12 +112,7 @@ def main():
     final_norm = load_teacher(args.start).model.norm.weight.detach().float()
     dec = model.model.local_decoder
     dec.patch_embedding_projection.weight.data = torch.eye(cfg.decoder_config.hidden_size, cfg.global_config.hidden_size)
-    train, n = [], 0
-    for d in training_documents():
-        train.append(d[: args.train_bytes - n])
-        n += len(train[-1])
-        if n >= args.train_bytes:
-            break
+    train = q.first_bytes(training_documents(), args.train_bytes)
     e_tr, u_tr, y_tr = step0_features(model, patcher, final_norm, train)
     e_va, u_va, y_va = step0_features(model, patcher, final_norm, q.held_out_docs(args.final_bytes))
     scale = 2 * float(e_tr.pow(2).mean().sqrt()) / float(u_tr.pow(2).mean().sqrt())  # a = 1: 2e and a u equal RMS
