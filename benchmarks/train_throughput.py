@@ -50,7 +50,7 @@ def step():
     ids, labels = b["input_ids"].to(device), b["labels"].to(device)
     with amp:
         if mode == "byteify":
-            nats, _ = module(ids, labels, patcher)
+            nats = module(ids, labels, patcher).blt
             loss = nats / (labels != -100).sum()
         else:
             lengths = patcher(ids)

@@ -729,7 +729,7 @@ class Bench:
 
         count = int((labels != IGNORE_INDEX).sum())
         with self.autocast():
-            blt, _ = module(ids, labels, patcher=patcher, entropy_loss=False)
+            blt = module(ids, labels, patcher=patcher, entropy_loss=False).blt
         (blt / max(count, 1)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], self.stage.grad_clip or 1.0)
         optimizer.step()

@@ -18,7 +18,9 @@ from ..tokenizer import BOE_ID, BOS_ID, IGNORE_INDEX, OFFSET, token_byte_strings
 class ByteTrie:
     """Trie over the token byte strings, stored as tables for vectorised marginals:
     ``node[v, d]`` = trie node after the first d bytes of token v (-1 past its end),
-    ``nxt[v, d]`` = byte d of token v (-1 past its end)."""
+    ``nxt[v, d]`` = byte d of token v (-1 past its end).  Tokens sorted by their bytes put every
+    node's subtree in one run ``[lo, hi)`` of the sorted order, so the mass under a node is a
+    difference of two prefix sums; each node's children (byte, node) are stored CSR-style."""
 
     def __init__(self, token_bytes: list[bytes | None], max_depth: int = 32):
         self.vocab = len(token_bytes)
@@ -39,24 +41,44 @@ class ByteTrie:
         self.node = torch.from_numpy(node)
         self.nxt = torch.from_numpy(nxt)
         self.depth = depth
+        # sorted order, and each node's run [lo, hi) in it
+        valid = [v for v, b in enumerate(token_bytes) if b]
+        order = sorted(valid, key=lambda v: token_bytes[v][:depth])
+        rank = np.full(self.vocab, -1, dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        n_nodes = len(children) + 1
+        lo, hi = np.full(n_nodes, len(order), dtype=np.int64), np.zeros(n_nodes, dtype=np.int64)
+        rows, cols = np.nonzero(node >= 0)
+        np.minimum.at(lo, node[rows, cols], rank[rows])
+        np.maximum.at(hi, node[rows, cols], rank[rows] + 1)
+        self.order = torch.tensor(order, dtype=torch.long)
+        self.lo, self.hi = torch.from_numpy(lo), torch.from_numpy(hi)
+        parent = np.array([p for (p, _) in children], dtype=np.int64)
+        by = np.argsort(parent, kind="stable")
+        self.child_byte = torch.tensor([b for (_, b) in children], dtype=torch.long)[by]
+        self.child_node = torch.tensor(list(children.values()), dtype=torch.long)[by]
+        self.child_ptr = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=n_nodes))]))
 
-    def marginals(self, probs: torch.Tensor, token: torch.Tensor, depth: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-        """Next-byte distributions [Q, 256] for Q queries: ``probs`` [Q, V] the teacher's
-        next-token distribution, ``token`` [Q] the actual token, ``depth`` [Q] bytes of it already
-        seen.  Mass of the tokens that share those bytes and go on, grouped by their next byte."""
-        out = []
-        depth = depth.clamp(max=self.depth - 1)
-        for s in range(0, len(token), chunk):
-            t, d, p = token[s:s + chunk], depth[s:s + chunk], probs[s:s + chunk]
-            prefix_node = self.node[t, d]  # [q]
-            nodes_at = self.node[:, d].T  # [q, V]
-            nxt_at = self.nxt[:, d].T  # [q, V]
-            mask = (nodes_at == prefix_node[:, None]) & (nxt_at >= 0)
-            vals = torch.where(mask, p, torch.zeros((), dtype=p.dtype))
-            dist = torch.zeros(len(t), 256, dtype=p.dtype)
-            dist.scatter_add_(1, nxt_at.clamp(min=0), vals)
-            out.append(dist / dist.sum(1, keepdim=True).clamp(min=1e-30))
-        return torch.cat(out) if out else torch.zeros(0, 256)
+    def marginals(self, probs: torch.Tensor, token: torch.Tensor, depth: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-byte distributions [Q, 256] for Q queries: ``probs`` [U, V] next-token
+        distributions, ``which`` [Q] the row of ``probs`` each query reads (default: row q),
+        ``token`` [Q] the actual token, ``depth`` [Q] bytes of it already seen.  Mass of the
+        tokens that share those bytes and go on, grouped by their next byte."""
+        if which is None:
+            which = torch.arange(len(token))
+        if len(token) == 0:
+            return torch.zeros(0, 256, dtype=probs.dtype)
+        cum = torch.zeros(probs.shape[0], len(self.order) + 1, dtype=torch.float64)
+        torch.cumsum(probs[:, self.order].double(), dim=1, out=cum[:, 1:])
+        prefix = self.node[token, depth.clamp(max=self.depth - 1)]  # [Q]
+        start, count = self.child_ptr[prefix], self.child_ptr[prefix + 1] - self.child_ptr[prefix]
+        q = torch.repeat_interleave(torch.arange(len(token)), count)
+        k = start[q] + torch.arange(len(q)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        child, row = self.child_node[k], which[q]
+        mass = cum[row, self.hi[child]] - cum[row, self.lo[child]]
+        dist = torch.zeros(len(token), 256, dtype=torch.float64)
+        dist.index_put_((q, self.child_byte[k]), mass, accumulate=True)
+        return (dist / dist.sum(1, keepdim=True).clamp(min=1e-30)).to(probs.dtype)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..tokenizer import IGNORE_INDEX, OFFSET, token_byte_strings
+from ..tokenizer import IGNORE_INDEX, OFFSET
 from .aligned import AlignedBatch, AlignedBatches, AlignedWindows, ByteTrie, WindowCutter
 from .model import blt_forward, summed_nll
 from .distributed import set_gradient_sync
@@ -56,8 +56,9 @@ def dense_targets(trie: ByteTrie, logits: torch.Tensor, batch: AlignedBatch, tem
     token = batch.next_token[b_idx, p_idx]
     keep = token >= 0
     b_idx, t_idx, p_idx, token = b_idx[keep], t_idx[keep], p_idx[keep], token[keep]
-    probs = (logits[b_idx, p_idx].float() / temperature).softmax(-1)
-    dist = trie.marginals(probs, token, batch.byte_depth[b_idx, t_idx])
+    used, which = torch.unique(b_idx * logits.shape[1] + p_idx, return_inverse=True)  # one per teacher position
+    probs = (logits.flatten(0, 1)[used].float() / temperature).softmax(-1)
+    dist = trie.marginals(probs, token, batch.byte_depth[b_idx, t_idx], which=which)
     return b_idx, t_idx, dist
 
 
@@ -126,35 +127,18 @@ class DistillStage:
     """The runner of a distillation stage (see :mod:`byteify.train.stages`)."""
 
     def __init__(self, ctx: StageContext):
-        from .teacher import load_teacher
+        from .teacher import run_teacher
 
         self.ctx, self.spec = ctx, ctx.stage.distill
+        base = run_teacher(ctx)
         shared = ctx.shared.get("distill")
         if shared is None:  # built once per run, reused by later distillation stages
-            from ..resolve import load_source_tokenizer
-
-            tok = load_source_tokenizer(ctx.location)
-            shared = ctx.shared["distill"] = {
-                "teacher": self._teacher(load_teacher), "trie": ByteTrie(token_byte_strings(tok)),
-                "cutter": WindowCutter(tok, ctx.recipe.data.seq_len), "val": self._validation_windows(tok)}
-        self.teacher, self.trie, self.val_windows = shared["teacher"], shared["trie"], shared["val"]
+            tok = base["tokenizer"]
+            shared = ctx.shared["distill"] = {"cutter": WindowCutter(tok, ctx.recipe.data.seq_len),
+                                              "val": self._validation_windows(tok)}
+        self.teacher, self.trie, self.val_windows = base["teacher"], base["trie"], shared["val"]
         self.stream = AlignedBatches(ctx.sources, shared["cutter"], ctx.micro_batch, ctx.dist.rank, ctx.dist.world,
                                      ctx.seed, ctx.holdout)
-
-    def _teacher(self, load_teacher):
-        """The frozen source model; under torchrun sharded like the student (one unit per layer),
-        so no process keeps the whole teacher on its device."""
-        teacher = load_teacher(self.ctx.location)
-        if self.ctx.dist.sharded:
-            from torch.distributed.fsdp import fully_shard
-
-            from .distributed import mixed_precision
-
-            kw = {"mesh": self.ctx.dist.mesh, "mp_policy": mixed_precision(self.ctx.recipe.run, self.ctx.dist.device)}
-            for layer in teacher.model.layers:
-                fully_shard(layer, **kw)
-            fully_shard(teacher, **kw)
-        return teacher.to(self.ctx.dist.device)
 
     def _validation_windows(self, tok) -> AlignedWindows:
         """The held-out documents, read until they fill ``run.eval_batches`` micro-batches (every

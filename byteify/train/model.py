@@ -7,6 +7,8 @@ which feeds the local decoder the teacher's states instead of the global transfo
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,14 +64,24 @@ def blt_forward(blt, input_ids: torch.Tensor, patch_lengths: torch.Tensor, globa
     return blt.lm_head(out)
 
 
+class Losses(NamedTuple):
+    """Summed losses of one micro-batch (zero where a term is off)."""
+
+    blt: torch.Tensor  # BLT byte cross-entropy, nats
+    entropy: torch.Tensor  # entropy model's byte cross-entropy, nats
+    boundary: torch.Tensor  # the entropy model's source-boundary term (see boundary_loss)
+    kl: torch.Tensor  # KL(teacher || BLT) over the bytes the teacher predicts, nats (see teacher_kl)
+
+
 class TrainModule(nn.Module):
     """The BLT (possibly peft-wrapped) under one root module: ``forward`` returns the summed
     losses a stage trains on, so FSDP2 sees one root forward per micro-step.
 
-    * byte stages: ``forward(ids, labels, patcher=..., entropy_loss=...)`` -> (BLT nats,
-      entropy-model nats[, boundary loss when ``boundaries`` are given]); the patch lengths come from ``patcher(ids)`` without gradients (inside
-      the root forward, as FSDP2 wants every unit to be), ``patcher`` None skips the BLT loss (an
-      entropy-model-only stage);
+    * byte stages: ``forward(ids, labels, patcher=..., entropy_loss=..., boundaries=...,
+      byte_kl=...)`` -> :class:`Losses`; the patch lengths come from ``patcher(ids)`` without
+      gradients (inside the root forward, as FSDP2 wants every unit to be), ``patcher`` None skips
+      the BLT loss (an entropy-model-only stage); ``byte_kl(logits)`` is the summed teacher KL on
+      the BLT's logits;
     * distillation: ``forward(..., distill=fn)`` runs ``fn(self.blt)`` inside the root forward."""
 
     def __init__(self, model):
@@ -81,22 +93,25 @@ class TrainModule(nn.Module):
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
-    def forward(self, input_ids, labels, patcher=None, entropy_loss=False, distill=None, boundaries=None):
+    def forward(self, input_ids, labels, patcher=None, entropy_loss=False, distill=None, boundaries=None,
+                byte_kl=None):
         if distill is not None:
             return distill(self.blt)
-        blt_nats = ent_nats = input_ids.new_zeros((), dtype=torch.float32)
+        zero = input_ids.new_zeros((), dtype=torch.float32)
+        blt_nats = ent_nats = boundary = kl = zero
         if patcher is not None:
             with torch.no_grad():
                 patch_lengths = patcher(input_ids)
             logits = self.model(input_ids=input_ids, patch_lengths=patch_lengths, use_cache=False).logits
             blt_nats = summed_nll(logits, labels)
-        extra = blt_nats
+            if byte_kl is not None:
+                kl = byte_kl(logits)
         if entropy_loss:
             entropies, _, logits = self.blt.model.patcher(input_ids)
             ent_nats = summed_nll(logits, labels)
             if boundaries is not None:  # (targets, mask, spec): see BoundarySpec
-                extra = boundary_loss(entropies, *boundaries)
-        return (blt_nats, ent_nats) if boundaries is None else (blt_nats, ent_nats, extra)
+                boundary = boundary_loss(entropies, *boundaries)
+        return Losses(blt_nats, ent_nats, boundary, kl)
 
 
 def boundary_loss(entropies: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec) -> torch.Tensor:

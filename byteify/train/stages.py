@@ -3,7 +3,8 @@ trainer builds a :class:`StageContext` (the model, the stage, the data, the patc
 processes) and hands it to a runner; runners never reach into the trainer.
 
 * :class:`ByteStage`: plain and LoRA stages: byte cross-entropy of the BLT on packed byte
-  sequences (and/or the entropy model's, when it trains), gradient accumulation over micro-steps.
+  sequences (and/or the entropy model's, when it trains; plus the source model's next-byte
+  distributions with ``teacher_kl``), gradient accumulation over micro-steps.
 * ``DistillStage`` (in :mod:`byteify.train.distill`): source-aligned distillation.
 """
 
@@ -68,7 +69,8 @@ class StageRunner(Protocol):
 
 
 class ByteStage:
-    """Plain and LoRA stages."""
+    """Plain and LoRA stages (with ``teacher_kl``: the source model's next-byte distributions as
+    a second target, see :mod:`byteify.train.teacher_kl`)."""
 
     def __init__(self, ctx: StageContext):
         from ..data.streams import ByteBatches
@@ -76,24 +78,36 @@ class ByteStage:
         self.ctx = ctx
         self.stream = ByteBatches(ctx.sources, ctx.recipe.data.seq_len, ctx.micro_batch, rank=ctx.dist.rank,
                                   world_size=ctx.dist.world, seed=ctx.seed, holdout=ctx.holdout)
+        self.teacher = None
+        if ctx.stage.teacher_kl is not None:
+            from .teacher import run_teacher
+            from .teacher_kl import PackedTeacher
+
+            spec = ctx.stage.teacher_kl
+            dtype = torch.bfloat16 if spec.teacher_dtype == "bf16" else torch.float32
+            self.teacher = PackedTeacher(run_teacher(ctx, dtype), spec)
 
     def step(self) -> StepResult:
         ctx = self.ctx
         micro = [next(self.stream) for _ in range(ctx.stage.grad_accum)]
         (count,) = ctx.dist.all_sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
         scale = ctx.dist.world / max(count, 1)  # FSDP averages gradients over processes
-        blt_nats = ent_nats = bound = 0.0
+        weight = ctx.stage.teacher_kl.weight if self.teacher is not None else 0.0
+        blt_nats = ent_nats = bound = kl = 0.0
         for i, b in enumerate(micro):
             set_gradient_sync(ctx.module, i == len(micro) - 1)  # reduce-scatter once per step
-            blt, ent, _, boundary = byte_losses(ctx, b)
-            ((blt + ent + boundary) * scale).backward()
-            blt_nats, ent_nats, bound = blt_nats + float(blt.detach()), ent_nats + float(ent.detach()), bound + float(boundary.detach())
-        blt_nats, ent_nats, bound = ctx.dist.all_sum(blt_nats, ent_nats, bound)
+            out, _ = byte_losses(ctx, b, teacher=self.teacher)
+            ((out.blt + out.entropy + out.boundary + weight * out.kl) * scale).backward()
+            blt_nats, ent_nats = blt_nats + float(out.blt.detach()), ent_nats + float(out.entropy.detach())
+            bound, kl = bound + float(out.boundary.detach()), kl + float(out.kl.detach())
+        blt_nats, ent_nats, bound, kl = ctx.dist.all_sum(blt_nats, ent_nats, bound, kl)
         extras = {}
         if "entropy_model" in ctx.stage.train and not ctx.entropy_only:
             extras["entropy_bpb"] = ent_nats / max(count, 1) / LN2
         if ctx.stage.boundaries is not None:
             extras["boundary_bce"] = bound / max(count, 1)
+        if self.teacher is not None:
+            extras["teacher_kl"] = kl / max(count, 1)  # nats per byte, over all label bytes
         loss = (ent_nats if ctx.entropy_only else blt_nats) / max(count, 1)
         return StepResult(loss, ctx.stage.batch_bytes, extras)
 
@@ -102,9 +116,10 @@ class ByteStage:
         return {"val_bpb": validate_bytes(self.ctx)}
 
 
-def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None, with_boundaries: bool = True):
-    """(BLT nats, entropy-model nats, labels, boundary loss) of a batch of packed byte sequences
-    (the boundary term when the stage has ``boundaries``, else 0)."""
+def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None, with_boundaries: bool = True,
+                teacher=None):
+    """(:class:`~byteify.train.model.Losses`, labels) of a batch of packed byte sequences (the
+    boundary term when the stage has ``boundaries``, the teacher KL when ``teacher`` is given)."""
     ids, labels = ctx.to_device(batch["input_ids"]), ctx.to_device(batch["labels"])
     if entropy_loss is None:
         entropy_loss = "entropy_model" in ctx.stage.train
@@ -119,10 +134,11 @@ def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None, with
 
             source = ctx.shared["source_token_patcher"] = SourceTokenPatcher(load_source_tokenizer(ctx.location))
         boundaries = (*boundary_targets(ids, source), ctx.stage.boundaries)
+    byte_kl = teacher.byte_kl(batch["input_ids"], batch["labels"]) if teacher is not None else None
     with ctx.autocast():
         out = ctx.module(ids, labels, patcher=None if ctx.entropy_only else ctx.patcher, entropy_loss=entropy_loss,
-                         boundaries=boundaries)
-    return out[0], out[1], labels, (out[2] if len(out) > 2 else out[0].new_zeros(()))
+                         boundaries=boundaries, byte_kl=byte_kl)
+    return out, labels
 
 
 @torch.no_grad()
@@ -134,8 +150,8 @@ def validate_bytes(ctx: StageContext) -> float:
     nats = count = 0.0
     for batch in validation_batches(ctx.val_rows, ctx.micro_batch, ctx.recipe.run.eval_batches,
                                     rank=ctx.dist.rank, world_size=ctx.dist.world):
-        blt, ent, labels, _ = byte_losses(ctx, batch, entropy_loss=ctx.entropy_only, with_boundaries=False)
-        nats += float(ent if ctx.entropy_only else blt)
+        out, labels = byte_losses(ctx, batch, entropy_loss=ctx.entropy_only, with_boundaries=False)
+        nats += float(out.entropy if ctx.entropy_only else out.blt)
         count += float((labels != IGNORE_INDEX).sum())
     ctx.module.train()
     nats, count = ctx.dist.all_sum(nats, count)

@@ -1,6 +1,7 @@
 """The source model as a teacher, rebuilt from a converted BLT directory alone: the transplanted
 global layers (q/k permuted back to ``rotate_half``), plus the source's embeddings, final norm
-and LM head that ``byteify convert`` kept in ``byteify_source/``."""
+and LM head that ``byteify convert`` kept in ``byteify_source/``; and the teacher a training run
+shares between its stages (with the source tokenizer and its byte trie)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,36 @@ def load_teacher(where: str | Path | Location, dtype=torch.float32):
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def run_teacher(ctx, dtype=torch.float32) -> dict:
+    """``{"teacher", "tokenizer", "trie"}`` of a training run, built once per dtype
+    (``ctx.shared``) and reused by every stage that distils: the frozen source model on the run's
+    device, under torchrun sharded like the student (one unit per layer, so no process keeps the
+    whole teacher), the source tokenizer and the byte trie over its vocabulary."""
+    key = f"teacher-{dtype}"
+    shared = ctx.shared.get(key)
+    if shared is not None:
+        return shared
+    from ..resolve import load_source_tokenizer
+    from ..tokenizer import token_byte_strings
+    from .aligned import ByteTrie
+
+    teacher = load_teacher(ctx.location, dtype=dtype)
+    if ctx.dist.sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        from .distributed import mixed_precision
+
+        policy = mixed_precision(ctx.recipe.run, ctx.dist.device)
+        if dtype != torch.float32:  # a low-precision teacher computes in its own dtype
+            policy = type(policy)(param_dtype=dtype, reduce_dtype=policy.reduce_dtype)
+        kw = {"mesh": ctx.dist.mesh, "mp_policy": policy}
+        for layer in teacher.model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(teacher, **kw)
+    other = next((v for k, v in ctx.shared.items() if k.startswith("teacher-")), None)
+    tok = other["tokenizer"] if other else load_source_tokenizer(ctx.location)
+    trie = other["trie"] if other else ByteTrie(token_byte_strings(tok))
+    shared = ctx.shared[key] = {"teacher": teacher.to(ctx.dist.device), "tokenizer": tok, "trie": trie}
+    return shared

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from byteify.train.distill import (AlignedWindows, ByteTrie, distill_losses, teacher_states,
-                                  token_byte_strings)
+from byteify.tokenizer import token_byte_strings
+from byteify.train.distill import AlignedWindows, ByteTrie, distill_losses, teacher_states
 from byteify.parts import part_of
 from byteify.train.recipe import DistillSpec, load_recipe
 from byteify.resolve import load_source_tokenizer
@@ -50,9 +50,14 @@ def test_byte_marginals_equal_brute_force_on_a_tiny_vocabulary():
     queries = [(t, d) for t, b in enumerate(token_bytes) if b for d in range(len(b))]
     probs = torch.rand(len(queries), len(token_bytes), generator=g, dtype=torch.float64)
     probs /= probs.sum(1, keepdim=True)
-    got = trie.marginals(probs, torch.tensor([t for t, _ in queries]), torch.tensor([d for _, d in queries]), chunk=3)
+    tokens, depths = torch.tensor([t for t, _ in queries]), torch.tensor([d for _, d in queries])
+    got = trie.marginals(probs, tokens, depths)
     for i, (t, d) in enumerate(queries):
         torch.testing.assert_close(got[i], brute_marginal(token_bytes, probs[i], t, d), rtol=0, atol=1e-12)
+    which = torch.randint(0, 3, (len(queries),), generator=g)  # queries sharing three distributions
+    shared = trie.marginals(probs[:3], tokens, depths, which=which)
+    for i, (t, d) in enumerate(queries):
+        torch.testing.assert_close(shared[i], brute_marginal(token_bytes, probs[int(which[i])], t, d), rtol=0, atol=1e-12)
     # e.g. after "a": next byte b with mass p(ab)+p(abc)+p(abd); the token "a" itself ends and is excluded
     i = queries.index((1, 1))
     p = probs[i]

@@ -117,21 +117,38 @@ def test_resume_in_another_world_size_reproduces_weights_and_moments(tiny_conver
 
 
 def test_lora_and_distill_stages_under_torchrun(tmp_path):
-    """distill -> LoRA -> plain in 2 processes equals 1 process (the model is re-sharded at every stage)."""
+    """distill -> LoRA -> plain with teacher_kl in 2 processes equals 1 process (the model is
+    re-sharded at every stage; the teachers are sharded too)."""
     from helpers import tiny_source_and_blt
 
     _, blt = tiny_source_and_blt(tmp_path / "m", layers=2, seed=3)
     stages = ("data.seq_len=64", "stages=[{name: d, train: [local_encoder, hash_embeddings, local_decoder], "
               "distill: {encoder_layers: 1}, steps: 2, batch_bytes: 256, lr: 3e-3}, "
               "{name: l, train: [local_decoder], lora: {rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}, "
-              "steps: 2, batch_bytes: 256, lr: 1e-2}, {name: p, train: [global], steps: 2, batch_bytes: 256}]")
+              "steps: 2, batch_bytes: 256, lr: 1e-2}, {name: p, train: [global, local_decoder], "
+              "teacher_kl: {teacher_dtype: fp32}, steps: 2, batch_bytes: 256}]")
     one_process(blt, tmp_path / "one", *stages)
     torchrun(blt, tmp_path / "two", *stages)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [a[s]["stage"] for s in sorted(a)] == ["d", "d", "l", "l", "p", "p"] and sorted(a) == sorted(b)
     for s in a:
         assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-4, (s, a[s]["loss"], b[s]["loss"])
+    assert a[5]["teacher_kl"] > 0 and abs(a[5]["teacher_kl"] - b[5]["teacher_kl"]) <= 1e-5 * a[5]["teacher_kl"]
     assert_same_training_state(newest(tmp_path / "one"), newest(tmp_path / "two"))
+
+
+def test_bf16_teacher_sharded_under_torchrun_gives_the_same_targets(tmp_path):
+    """The default bf16 teacher, sharded over 2 processes (computing in bf16 under FSDP2's
+    policy), gives one process's teacher KL on the same step within bf16 noise."""
+    from helpers import tiny_source_and_blt
+
+    _, blt = tiny_source_and_blt(tmp_path / "m", layers=2, seed=3)
+    stage = ("data.seq_len=64", "stages=[{name: k, train: [local_decoder], teacher_kl: {}, steps: 1, batch_bytes: 256}]")
+    one_process(blt, tmp_path / "one", *stage)
+    torchrun(blt, tmp_path / "two", *stage)
+    a, b = losses(tmp_path / "one")[1], losses(tmp_path / "two")[1]
+    assert abs(a["loss"] - b["loss"]) <= 1e-4
+    assert a["teacher_kl"] > 0 and abs(a["teacher_kl"] - b["teacher_kl"]) <= 1e-2 * a["teacher_kl"]
 
 
 def _children(pid: int) -> list[int]:
