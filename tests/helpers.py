@@ -278,3 +278,23 @@ def checkpoint_weights(ckpt: Path, merge_lora: bool = False) -> dict[str, torch.
 
     w = locate(ckpt).weights(merge_lora=merge_lora)
     return {k: w.get(k) for k in w.keys()}
+
+
+def train_tiny(blt: Path, out: Path, stages: str, eval_every: int) -> tuple[dict, list[dict]]:
+    """A quiet ``tiny-cpu`` run of ``blt`` on 64-byte sequences with the given ``stages`` (YAML),
+    logging every step: (its summary, the metrics rows of its steps)."""
+    from byteify.train.recipe import load_recipe
+    from byteify.train.trainer import Trainer
+
+    recipe, raw = load_recipe("tiny-cpu", [f"model={blt}", f"output_dir={out}", "run.progress=false",
+                                           "run.log_every=1", f"run.eval_every={eval_every}", "data.seq_len=64",
+                                           f"stages={stages}"])
+    summary = Trainer(recipe, raw, log=lambda m: None).run()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    return summary, rows
+
+
+# three short documents: code-like text, accented letters and a 4-byte emoji (distillation tests)
+SHORT_DOCS = [b"The if statement is used for conditional execution: if x, then y.",
+              "for x in range(3): print(x)  # d\u00e9j\u00e0 vu, caf\u00e9 \U0001F600".encode(),
+              b"The while statement is used for repeated execution as long as an expression is true."]

@@ -22,12 +22,8 @@ from byteify.train.recipe import DistillSpec, load_recipe
 from byteify.resolve import load_source_tokenizer
 from byteify.train.teacher import load_teacher
 from byteify.tokenizer import OFFSET
-from helpers import checkpoint_state, tiny_source_and_blt, tiny_tokenizer
-
-DOCS = [b"The if statement is used for conditional execution: if x, then y.",
-        "for x in range(3): print(x)  # d\u00e9j\u00e0 vu, caf\u00e9 \U0001F600".encode(),
-        b"The while statement is used for repeated execution as long as an expression is true."]
-
+from helpers import SHORT_DOCS as DOCS
+from helpers import checkpoint_state, tiny_source_and_blt, tiny_tokenizer, train_tiny
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -178,17 +174,8 @@ def test_decoder_and_encoder_losses_equal_hand_computed_references(tiny):
 
 def test_distill_stage_keeps_the_global_frozen_and_learns(tiny, tmp_path):
     _, blt_dir = tiny
-    from byteify.train.trainer import Trainer
-
-    out = tmp_path / "run"
-    recipe, raw = load_recipe("tiny-cpu", [
-        f"model={blt_dir}", f"output_dir={out}", "run.progress=false", "run.log_every=1", "run.eval_every=6",
-        "data.seq_len=64", "stages=[{name: distill, train: [local_encoder, hash_embeddings, local_decoder], "
-        "distill: {encoder_layers: 2}, steps: 6, batch_bytes: 256, lr: 3e-3}]"])
-    summary = Trainer(recipe, raw, log=lambda m: None).run()
-    import json
-
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    summary, rows = train_tiny(blt_dir, tmp_path / "run", "[{name: distill, train: [local_encoder, hash_embeddings, "
+                               "local_decoder], distill: {encoder_layers: 2}, steps: 6, batch_bytes: 256, lr: 3e-3}]", 6)
     # the logged loss is the objective the step minimised: ce + kl (kl_weight 1) per byte + encoder error
     for r in rows:
         assert r["loss"] == pytest.approx(r["distill_ce"] + r["distill_kl"] + r["encoder_rel_err"], rel=1e-5)

@@ -1,11 +1,10 @@
 """End-to-end distillation (``teacher_kl`` on a byte stage): the queries put every label byte of
 a packed row under the teacher position and token that cover it, rows cut inside a UTF-8
 character included; the targets equal the distillation stage's dense targets on the same
-document; a stage with ``teacher_kl`` minimises ce + weight * kl and its kl falls."""
+document; a stage with ``teacher_kl`` logs the KL and it falls as the stage trains."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -20,12 +19,8 @@ from byteify.train.teacher import load_teacher
 from byteify.train.teacher_kl import teacher_queries, teacher_targets, whole_characters
 from byteify.errors import ByteifyError
 
-from helpers import tiny_source_and_blt
-
-DOCS = [b"The if statement is used for conditional execution: if x, then y.",
-        "for x in range(3): print(x)  # d\u00e9j\u00e0 vu, caf\u00e9 \U0001F600".encode(),
-        b"The while statement is used for repeated execution as long as an expression is true."]
-
+from helpers import SHORT_DOCS as DOCS
+from helpers import tiny_source_and_blt, train_tiny
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -80,17 +75,10 @@ def test_targets_equal_the_distillation_stage_dense_targets(tiny):
     assert torch.all(mine.gather(1, (batch["labels"][0, q.t] - OFFSET)[:, None]) > 0)
 
 
-def test_stage_with_teacher_kl_minimises_ce_plus_kl(tiny, tmp_path):
+def test_stage_with_teacher_kl_learns_the_teacher(tiny, tmp_path):
     _, blt = tiny
-    from byteify.train.trainer import Trainer
-
-    out = tmp_path / "run"
-    recipe, raw = load_recipe("tiny-cpu", [
-        f"model={blt}", f"output_dir={out}", "run.progress=false", "run.log_every=1", "run.eval_every=8",
-        "data.seq_len=64", "stages=[{name: kd, train: [local_encoder, hash_embeddings, local_decoder, global], "
-        "teacher_kl: {weight: 0.5}, steps: 8, batch_bytes: 256, lr: 3e-3}]"])
-    Trainer(recipe, raw, log=lambda m: None).run()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    _, rows = train_tiny(blt, tmp_path / "run", "[{name: kd, train: [local_encoder, hash_embeddings, local_decoder, "
+                         "global], teacher_kl: {weight: 0.5}, steps: 8, batch_bytes: 256, lr: 3e-3}]", 8)
     assert all(r["teacher_kl"] > 0 and math.isfinite(r["teacher_kl"]) for r in rows)
     assert sum(r["teacher_kl"] for r in rows[-3:]) < sum(r["teacher_kl"] for r in rows[:3])
     assert "val_bpb" in rows[-1]
