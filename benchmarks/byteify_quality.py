@@ -35,6 +35,11 @@ same seed, same training bytes, the same held-out text and the same causal patch
    hash tables at 0.05x the learning rate, the global at 0.1x, the decoder at 1x (tests whether
    the full rate overwrites the warm content: table entries are ~0.02 per coordinate and the patch
    projection amplifies them ~35x, next to Adam's ~1e-3 steps).
+2qk. (``--rows ...,2qk``) row 2q with end-to-end distillation (``teacher_kl``, weight 1, bf16
+   teacher): besides byte cross-entropy, KL from the source model's exact next-byte
+   distributions on every byte (the BLT under its own patcher and global transformer).
+5k. (``--rows ...,5k``) row 5 with the same ``teacher_kl``: separates what the teacher's targets
+   give from what the transplanted global and the warm start give.
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -96,7 +101,9 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2q": "warm start at 16,384 buckets (--preset warm-16k), row 3's recipe: everything trains, hash tables too",
          "2d": "row 2s, its decoder stage distilled from the teacher (decoder half, dense KL)",
          "2qd": "row 2q after a distillation stage (decoder and encoder halves, tables train; a quarter of the steps)",
-         "2ql": "row 2q, the warm encoder and tables at 0.05x the learning rate (global 0.1x, decoder 1x)"}
+         "2ql": "row 2q, the warm encoder and tables at 0.05x the learning rate (global 0.1x, decoder 1x)",
+         "2qk": "row 2q + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
+         "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
@@ -211,8 +218,8 @@ def warm_recipe(steps: int, distill: bool = False) -> list:
             stage("end-to-end", WARM, steps - dec, lr_multipliers={"global": 0.1})]
 
 
-def plain_recipe(steps: int, multipliers: dict | None = None) -> list:
-    return [stage("end-to-end", ALL, steps, lr_multipliers={"global": 0.1, **(multipliers or {})})]
+def plain_recipe(steps: int, multipliers: dict | None = None, **extra) -> list:
+    return [stage("end-to-end", ALL, steps, lr_multipliers={"global": 0.1, **(multipliers or {})}, **extra)]
 
 
 def distill_recipe(steps: int) -> list:
@@ -349,7 +356,7 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
     variants = {"2b": ("convert-warm-blind", "vocab_warm_start.decoder_ignores_offset=true", "vocab_warm_start.unit_exponent=-6"),
                 "2s": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
-                "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K,  # one conversion, three recipes
+                "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K,  # one conversion, four recipes
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     for key, (name, *options) in variants.items():
         if key in rows:
@@ -357,8 +364,8 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
             starts[key] = with_patcher(convert(work, name, "--preset", "warm", *sets), patcher, work / f"start-{key}")
     if "4" in rows:
         starts["4"] = random_global(starts["2"], work / "start-4", seed + 1)
-    if "5" in rows:
-        starts["5"] = random_global(starts["3"], work / "start-5", seed + 1)
+    if {"5", "5k"} & set(rows):
+        starts["5"] = starts["5k"] = random_global(starts["3"], work / "start-5", seed + 1)
     return base, starts
 
 
@@ -372,6 +379,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
             recipe = (warm_recipe(steps, distill=key == "2d") if key in ("2", "4", "2b", "2d", "2s", "2f")
                       else distill_recipe(steps) if key == "2qd"
                       else plain_recipe(steps, {"local_encoder": 0.05, "hash_embeddings": 0.05}) if key == "2ql"
+                      else plain_recipe(steps, teacher_kl={"weight": 1.0}) if key in ("2qk", "5k")
                       else plain_recipe(steps))
             run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
@@ -443,7 +451,7 @@ def report(res: dict, rows: list[str], budgets: list[int], header: str) -> str:
         lines += [f"| {key} | {kb} KB | {c['bpb']:.3f} | {c['bpb_other_global']:.3f} | +{c['bpb_other_global'] - c['bpb']:.3f} |"
                   for key, kb, c in read]
     kb = budgets[-1]
-    for warm in ("2", "2q"):  # the warm start as first built, and the shipped one
+    for warm in ("2", "2q", "2qk"):  # the warm start as first built, the shipped one, with teacher_kl
         if kb in res.get(warm, {}) and kb in res.get("5", {}):
             ratio = res[warm][kb]["bpb"] / res["5"][kb]["bpb"]
             lines += ["", f"Criterion (row {warm} <= 0.75 x row 5 at {kb} KB): {ratio:.3f} -> "
