@@ -38,6 +38,9 @@ same seed, same training bytes, the same held-out text and the same causal patch
 2qk. (``--rows ...,2qk``) row 2q with end-to-end distillation (``teacher_kl``, weight 1, bf16
    teacher): besides byte cross-entropy, KL from the source model's exact next-byte
    distributions on every byte (the BLT under its own patcher and global transformer).
+2qn. (``--rows ...,2qn``) row 2q with ``patch_norm`` (max_norm 6, about twice SmolLM2's mean
+   token-embedding norm 2.90): the encoder may not grow the patch vectors past the scale the
+   transplanted layers were trained on (row 2qk's grew ~3,600x and the global became a bypass).
 5k. (``--rows ...,5k``) row 5 with the same ``teacher_kl``: separates what the teacher's targets
    give from what the transplanted global and the warm start give.
 
@@ -86,6 +89,7 @@ BYTEIFY = str(Path(sys.executable).with_name("byteify"))
 
 SEQ_LEN, BATCH_BYTES = 1024, 4096
 ENTROPY_STEPS = 100
+SOURCE_CONVERSION = "convert-auto"  # the plain conversion: its directory rebuilds the source model (teacher, gate)
 DECODER_SHARE = 0.25  # row 2/4: the share of the budget spent on the decoder stage
 ALL = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
 WARM = ["local_encoder", "local_decoder", "global"]  # hash tables frozen
@@ -103,6 +107,7 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qd": "row 2q after a distillation stage (decoder and encoder halves, tables train; a quarter of the steps)",
          "2ql": "row 2q, the warm encoder and tables at 0.05x the learning rate (global 0.1x, decoder 1x)",
          "2qk": "row 2q + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
+         "2qn": "row 2q + the global's input norm bounded (patch_norm, max_norm 6)",
          "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
@@ -347,7 +352,7 @@ WARM_16K = ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.voca
 
 def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[str, Path]]:
     """The default conversion and each row's starting model, all with the one shared patcher."""
-    base = convert(work, "convert-auto")
+    base = convert(work, SOURCE_CONVERSION)
     patcher = entropy_model(work, base)
     starts = {"3": with_patcher(base, patcher, work / "start-3")}
     if {"2", "2h", "4"} & set(rows):  # the 131,072-bucket tables: 2.7 GB, only for the rows that use them
@@ -356,7 +361,7 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
     variants = {"2b": ("convert-warm-blind", "vocab_warm_start.decoder_ignores_offset=true", "vocab_warm_start.unit_exponent=-6"),
                 "2s": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
-                "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K,  # one conversion, four recipes
+                "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K, "2qn": WARM_16K,  # one conversion, five recipes
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     for key, (name, *options) in variants.items():
         if key in rows:
@@ -380,6 +385,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else distill_recipe(steps) if key == "2qd"
                       else plain_recipe(steps, {"local_encoder": 0.05, "hash_embeddings": 0.05}) if key == "2ql"
                       else plain_recipe(steps, teacher_kl={"weight": 1.0}) if key in ("2qk", "5k")
+                      else plain_recipe(steps, patch_norm={"max_norm": 6.0}) if key == "2qn"
                       else plain_recipe(steps))
             run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
@@ -392,11 +398,16 @@ def curve_name(key: str, kb: int) -> str:
 
 
 def finished_cell(run: Path, docs) -> tuple[dict, list]:
-    """(table cell, validation curve) of a finished run."""
+    """(table cell, validation curve) of a finished run (``work/runs/<name>``).  ``bound_after``:
+    the step-0 gate's teacher-forced bound of the trained model (the source's own layers fed the
+    trained encoder's patch vectors): whether training kept the encoder's token content."""
     final = cached(run / "final-eval.json", lambda: evaluate(newest_model(run), docs))
     other = cached(run / "other-text-global.json", lambda: {"bpb_other_global": other_text_global(newest_model(run), docs)})
+    source = run.parents[1] / SOURCE_CONVERSION
+    bound = cached(run / "trained-bound.json",
+                   lambda: {"bound_after": step0_gate(newest_model(run), source, docs)["bound_bpb"]})
     s = summary(run)
-    return {**final, **other, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
+    return {**final, **other, **bound, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
             "s_per_step": s["wall_seconds"] / s["steps"]}, curve(run)
 
 
@@ -446,10 +457,13 @@ def report(res: dict, rows: list[str], budgets: list[int], header: str) -> str:
             if kb in res.get(key, {}) and "bpb_other_global" in res[key][kb]]
     if read:
         lines += ["", "Does the decoder read the global? Held-out bits per byte of the trained model, and with its decoder "
-                  "fed another window's global states (the global's outputs rolled by one along the batch):", "",
-                  "| row | budget | own global | another text's global | loss |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {key} | {kb} KB | {c['bpb']:.3f} | {c['bpb_other_global']:.3f} | +{c['bpb_other_global'] - c['bpb']:.3f} |"
-                  for key, kb, c in read]
+                  "fed another window's global states (the global's outputs rolled by one along the batch); and "
+                  "the step-0 gate's bound after training (the source's own layers fed the trained encoder's patch "
+                  "vectors: is the written token content still there?):", "",
+                  "| row | budget | own global | another text's global | loss | bound after training |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {key} | {kb} KB | {c['bpb']:.3f} | {c['bpb_other_global']:.3f} | "
+                  f"+{c['bpb_other_global'] - c['bpb']:.3f} | {c['bound_after']:.3f} |" for key, kb, c in read]
     kb = budgets[-1]
     for warm in ("2", "2q", "2qk"):  # the warm start as first built, the shipped one, with teacher_kl
         if kb in res.get(warm, {}) and kb in res.get("5", {}):

@@ -71,6 +71,7 @@ class Losses(NamedTuple):
     entropy: torch.Tensor  # entropy model's byte cross-entropy, nats
     boundary: torch.Tensor  # the entropy model's source-boundary term (see boundary_loss)
     kl: torch.Tensor  # KL(teacher || BLT) over the bytes the teacher predicts, nats (see teacher_kl)
+    patch_norm: torch.Tensor  # the global input's norm penalty, unweighted (see patch_norm_penalty)
 
 
 class TrainModule(nn.Module):
@@ -78,10 +79,10 @@ class TrainModule(nn.Module):
     losses a stage trains on, so FSDP2 sees one root forward per micro-step.
 
     * byte stages: ``forward(ids, labels, patcher=..., entropy_loss=..., boundaries=...,
-      byte_kl=...)`` -> :class:`Losses`; the patch lengths come from ``patcher(ids)`` without
+      byte_kl=..., max_patch_norm=...)`` -> :class:`Losses`; the patch lengths come from ``patcher(ids)`` without
       gradients (inside the root forward, as FSDP2 wants every unit to be), ``patcher`` None skips
       the BLT loss (an entropy-model-only stage); ``byte_kl(logits)`` is the summed teacher KL on
-      the BLT's logits;
+      the BLT's logits; ``max_patch_norm``: also :func:`patch_norm_penalty` of the global's input;
     * distillation: ``forward(..., distill=fn)`` runs ``fn(self.blt)`` inside the root forward."""
 
     def __init__(self, model):
@@ -94,15 +95,29 @@ class TrainModule(nn.Module):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def forward(self, input_ids, labels, patcher=None, entropy_loss=False, distill=None, boundaries=None,
-                byte_kl=None):
+                byte_kl=None, max_patch_norm=None):
         if distill is not None:
             return distill(self.blt)
         zero = input_ids.new_zeros((), dtype=torch.float32)
-        blt_nats = ent_nats = boundary = kl = zero
+        blt_nats = ent_nats = boundary = kl = norm = zero
         if patcher is not None:
             with torch.no_grad():
                 patch_lengths = patcher(input_ids)
-            logits = self.model(input_ids=input_ids, patch_lengths=patch_lengths, use_cache=False).logits
+            box = {}
+
+            def capture(_module, _args, kwargs):  # the patch vectors where the global transformer receives them
+                box.setdefault("x", kwargs["inputs_embeds"])
+
+            hook = None
+            if max_patch_norm is not None:
+                hook = self.blt.model.global_transformer.register_forward_pre_hook(capture, with_kwargs=True)
+            try:
+                logits = self.model(input_ids=input_ids, patch_lengths=patch_lengths, use_cache=False).logits
+            finally:
+                if hook is not None:
+                    hook.remove()
+            if max_patch_norm is not None:
+                norm = patch_norm_penalty(box["x"], patch_lengths, max_patch_norm)
             blt_nats = summed_nll(logits, labels)
             if byte_kl is not None:
                 kl = byte_kl(logits)
@@ -111,7 +126,15 @@ class TrainModule(nn.Module):
             ent_nats = summed_nll(logits, labels)
             if boundaries is not None:  # (targets, mask, spec): see BoundarySpec
                 boundary = boundary_loss(entropies, *boundaries)
-        return Losses(blt_nats, ent_nats, boundary, kl)
+        return Losses(blt_nats, ent_nats, boundary, kl, norm)
+
+
+def patch_norm_penalty(vectors: torch.Tensor, patch_lengths: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``sum relu(log(|v| / max_norm))^2`` over the non-empty patches' vectors ``v`` ([B, P, D];
+    ``patch_lengths`` [B, P]): zero up to ``max_norm``, then growing with the log of the excess
+    (a patch vector 1000x too long costs ~48, not 1e6)."""
+    log_ratio = torch.log(vectors.float().norm(dim=-1).clamp(min=1e-12) / max_norm)
+    return (F.relu(log_ratio).pow(2) * (patch_lengths > 0)).sum()
 
 
 def boundary_loss(entropies: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec) -> torch.Tensor:

@@ -74,6 +74,18 @@ class TeacherKlSpec(_Strict):
     teacher_dtype: Literal["bf16", "fp32"] = "bf16"
 
 
+class PatchNormSpec(_Strict):
+    """Keep the global transformer's input at its source's scale in a byte stage: ``weight *``
+    ``relu(log(|v| / max_norm))^2`` summed over the patch vectors ``v`` the encoder hands the
+    global.  Without it the encoder can grow its patch vectors until the global's layers barely
+    change them (measured on SmolLM2: the patch vectors' norm went from 2.4 to ~8,600 in ~1.5 MB
+    of training, the global's output kept cos 0.97 with its input: the transplant bypassed).
+    ``max_norm``: about twice the source's mean token-embedding norm (SmolLM2-135M: 2.90)."""
+
+    max_norm: float = Field(gt=0)
+    weight: float = Field(1.0, gt=0)
+
+
 class BoundarySpec(_Strict):
     """Teach the entropy model where the source tokenizer starts a token: besides the byte LM
     loss, its next-byte entropy ``H[t]`` is pushed above ``threshold`` where byte t+1 starts a
@@ -103,6 +115,7 @@ class StageSpec(_Strict):
     patching: PatchingSpec | None = None  # None: the recipe's patching (or the model's default)
     distill: DistillSpec | None = None
     teacher_kl: TeacherKlSpec | None = None  # byte stages: learn the source's next-byte distributions too
+    patch_norm: PatchNormSpec | None = None  # byte stages: bound the global's input norm
     boundaries: BoundarySpec | None = None  # entropy model: learn the source tokenizer's boundaries
 
     @model_validator(mode="after")
@@ -113,9 +126,10 @@ class StageSpec(_Strict):
                                  "(no 'global' in train, no lora)")
             if not (self.distill.decoder or self.distill.encoder):
                 raise ValueError(f"stage '{self.name}': distill needs decoder and/or encoder true")
-        if self.teacher_kl is not None and (self.distill is not None or self.train == ["entropy_model"]):
-            raise ValueError(f"stage '{self.name}': teacher_kl trains the BLT in a byte stage (not with distill, "
-                             "not in an entropy-model-only stage)")
+        for key in ("teacher_kl", "patch_norm"):
+            if getattr(self, key) is not None and (self.distill is not None or self.train == ["entropy_model"]):
+                raise ValueError(f"stage '{self.name}': {key} trains the BLT in a byte stage (not with distill, "
+                                 "not in an entropy-model-only stage)")
         if self.boundaries is not None and "entropy_model" not in self.train:
             raise ValueError(f"stage '{self.name}': 'boundaries' trains the entropy model; add entropy_model to 'train'")
         if not self.train and self.lora is None:

@@ -93,14 +93,16 @@ class ByteStage:
         (count,) = ctx.dist.all_sum(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro))
         scale = ctx.dist.world / max(count, 1)  # FSDP averages gradients over processes
         weight = ctx.stage.teacher_kl.weight if self.teacher is not None else 0.0
-        blt_nats = ent_nats = bound = kl = 0.0
+        norm_weight = ctx.stage.patch_norm.weight if ctx.stage.patch_norm is not None else 0.0
+        blt_nats = ent_nats = bound = kl = norm = 0.0
         for i, b in enumerate(micro):
             set_gradient_sync(ctx.module, i == len(micro) - 1)  # reduce-scatter once per step
             out, _ = byte_losses(ctx, b, teacher=self.teacher)
-            ((out.blt + out.entropy + out.boundary + weight * out.kl) * scale).backward()
+            ((out.blt + out.entropy + out.boundary + weight * out.kl + norm_weight * out.patch_norm) * scale).backward()
             blt_nats, ent_nats = blt_nats + float(out.blt.detach()), ent_nats + float(out.entropy.detach())
             bound, kl = bound + float(out.boundary.detach()), kl + float(out.kl.detach())
-        blt_nats, ent_nats, bound, kl = ctx.dist.all_sum(blt_nats, ent_nats, bound, kl)
+            norm += float(out.patch_norm.detach())
+        blt_nats, ent_nats, bound, kl, norm = ctx.dist.all_sum(blt_nats, ent_nats, bound, kl, norm)
         extras = {}
         if "entropy_model" in ctx.stage.train and not ctx.entropy_only:
             extras["entropy_bpb"] = ent_nats / max(count, 1) / LN2
@@ -108,6 +110,8 @@ class ByteStage:
             extras["boundary_bce"] = bound / max(count, 1)
         if self.teacher is not None:
             extras["teacher_kl"] = kl / max(count, 1)  # nats per byte, over all label bytes
+        if ctx.stage.patch_norm is not None:
+            extras["patch_norm_penalty"] = norm / max(count, 1)  # per byte, unweighted
         loss = (ent_nats if ctx.entropy_only else blt_nats) / max(count, 1)
         return StepResult(loss, ctx.stage.batch_bytes, extras)
 
@@ -135,9 +139,10 @@ def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None, with
             source = ctx.shared["source_token_patcher"] = SourceTokenPatcher(load_source_tokenizer(ctx.location))
         boundaries = (*boundary_targets(ids, source), ctx.stage.boundaries)
     byte_kl = teacher.byte_kl(batch["input_ids"], batch["labels"]) if teacher is not None else None
+    max_norm = ctx.stage.patch_norm.max_norm if ctx.stage.patch_norm is not None else None
     with ctx.autocast():
         out = ctx.module(ids, labels, patcher=None if ctx.entropy_only else ctx.patcher, entropy_loss=entropy_loss,
-                         boundaries=boundaries, byte_kl=byte_kl)
+                         boundaries=boundaries, byte_kl=byte_kl, max_patch_norm=max_norm)
     return out, labels
 
 

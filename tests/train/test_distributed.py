@@ -117,7 +117,7 @@ def test_resume_in_another_world_size_reproduces_weights_and_moments(tiny_conver
 
 
 def test_lora_and_distill_stages_under_torchrun(tmp_path):
-    """distill -> LoRA -> plain with teacher_kl in 2 processes equals 1 process (the model is
+    """distill -> LoRA -> plain with teacher_kl and patch_norm in 2 processes equals 1 process (the model is
     re-sharded at every stage; the teachers are sharded too)."""
     from helpers import tiny_source_and_blt
 
@@ -125,15 +125,16 @@ def test_lora_and_distill_stages_under_torchrun(tmp_path):
     stages = ("data.seq_len=64", "stages=[{name: d, train: [local_encoder, hash_embeddings, local_decoder], "
               "distill: {encoder_layers: 1}, steps: 2, batch_bytes: 256, lr: 3e-3}, "
               "{name: l, train: [local_decoder], lora: {rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}, "
-              "steps: 2, batch_bytes: 256, lr: 1e-2}, {name: p, train: [global, local_decoder], "
-              "teacher_kl: {teacher_dtype: fp32}, steps: 2, batch_bytes: 256}]")
+              "steps: 2, batch_bytes: 256, lr: 1e-2}, {name: p, train: [local_encoder, global, local_decoder], "
+              "teacher_kl: {teacher_dtype: fp32}, patch_norm: {max_norm: 0.1}, steps: 2, batch_bytes: 256}]")
     one_process(blt, tmp_path / "one", *stages)
     torchrun(blt, tmp_path / "two", *stages)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [a[s]["stage"] for s in sorted(a)] == ["d", "d", "l", "l", "p", "p"] and sorted(a) == sorted(b)
     for s in a:
         assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-4, (s, a[s]["loss"], b[s]["loss"])
-    assert a[5]["teacher_kl"] > 0 and abs(a[5]["teacher_kl"] - b[5]["teacher_kl"]) <= 1e-5 * a[5]["teacher_kl"]
+    for key in ("teacher_kl", "patch_norm_penalty"):
+        assert a[5][key] > 0 and abs(a[5][key] - b[5][key]) <= 1e-5 * a[5][key], (key, a[5][key], b[5][key])
     assert_same_training_state(newest(tmp_path / "one"), newest(tmp_path / "two"))
 
 
