@@ -52,7 +52,9 @@ training and evaluation of every row patch identically, from past bytes only.
 Measured per row: step-0 bits per byte (the starting model, before any training) and bits per
 byte after each budget, on the first ``--final-bytes`` of the embedded corpus's validation
 documents (the recipes' split: never trained on), with ``byteify eval``'s code; seconds per step.
-Also the step-0 gate for both conversions (``byteify eval --teacher-forced-bound``).
+Also the step-0 gate for both conversions (``byteify eval --teacher-forced-bound``); and for each
+finished run, its bits per byte with the decoder fed another window's global states (does it read
+the global?) and the same gate on the trained model (is the written token content still there?).
 
 Every run is resumable: rerun the same command and finished runs are skipped, interrupted ones
 resume from their newest checkpoint (``--resume auto``).  The results file
