@@ -80,7 +80,8 @@ class PatchNormSpec(_Strict):
     global.  Without it the encoder can grow its patch vectors until the global's layers barely
     change them (measured on SmolLM2: the patch vectors' norm went from 2.4 to ~8,600 in ~1.5 MB
     of training, the global's output kept cos 0.97 with its input: the transplant bypassed).
-    ``max_norm``: about twice the source's mean token-embedding norm (SmolLM2-135M: 2.90)."""
+    ``max_norm``: about twice the source's mean token-embedding norm (SmolLM2-135M: 2.90).
+    Measured there, the bound alone stalls training at small budgets (README, row 2qn)."""
 
     max_norm: float = Field(gt=0)
     weight: float = Field(1.0, gt=0)

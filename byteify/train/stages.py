@@ -70,7 +70,8 @@ class StageRunner(Protocol):
 
 class ByteStage:
     """Plain and LoRA stages (with ``teacher_kl``: the source model's next-byte distributions as
-    a second target, see :mod:`byteify.train.teacher_kl`)."""
+    a second target, see :mod:`byteify.train.teacher_kl`; with ``patch_norm``: a penalty on the
+    global transformer's input norm, see :func:`byteify.train.model.patch_norm_penalty`)."""
 
     def __init__(self, ctx: StageContext):
         from ..data.streams import ByteBatches
