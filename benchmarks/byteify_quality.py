@@ -41,6 +41,9 @@ same seed, same training bytes, the same held-out text and the same causal patch
 2qn. (``--rows ...,2qn``) row 2q with ``patch_norm`` (max_norm 6, about twice SmolLM2's mean
    token-embedding norm 2.90): the encoder may not grow the patch vectors past the scale the
    transplanted layers were trained on (row 2qk's grew ~3,600x and the global became a bypass).
+2qx. (``--rows ...,2qx``) row 2q with ``decoder_byte_dropout`` 0.3: in training, each byte's
+   encoder state is withheld from the local decoder with probability 0.3, so that byte must be
+   predicted from earlier bytes and the global's states (rows 3 and 2qk barely read the global).
 5k. (``--rows ...,5k``) row 5 with the same ``teacher_kl``: separates what the teacher's targets
    give from what the transplanted global and the warm start give.
 
@@ -110,6 +113,7 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2ql": "row 2q, the warm encoder and tables at 0.05x the learning rate (global 0.1x, decoder 1x)",
          "2qk": "row 2q + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
          "2qn": "row 2q + the global's input norm bounded (patch_norm, max_norm 6)",
+         "2qx": "row 2q + bytes withheld from the decoder in training (decoder_byte_dropout 0.3)",
          "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
@@ -363,7 +367,7 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
     variants = {"2b": ("convert-warm-blind", "vocab_warm_start.decoder_ignores_offset=true", "vocab_warm_start.unit_exponent=-6"),
                 "2s": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
-                "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K, "2qn": WARM_16K,  # one conversion, five recipes
+                "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K, "2qn": WARM_16K, "2qx": WARM_16K,  # one conversion, six recipes
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     for key, (name, *options) in variants.items():
         if key in rows:
@@ -388,6 +392,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else plain_recipe(steps, {"local_encoder": 0.05, "hash_embeddings": 0.05}) if key == "2ql"
                       else plain_recipe(steps, teacher_kl={"weight": 1.0}) if key in ("2qk", "5k")
                       else plain_recipe(steps, patch_norm={"max_norm": 6.0}) if key == "2qn"
+                      else plain_recipe(steps, decoder_byte_dropout=0.3) if key == "2qx"
                       else plain_recipe(steps))
             run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)

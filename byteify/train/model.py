@@ -7,6 +7,7 @@ which feeds the local decoder the teacher's states instead of the global transfo
 
 from __future__ import annotations
 
+import zlib
 from typing import NamedTuple
 
 import torch
@@ -79,10 +80,12 @@ class TrainModule(nn.Module):
     losses a stage trains on, so FSDP2 sees one root forward per micro-step.
 
     * byte stages: ``forward(ids, labels, patcher=..., entropy_loss=..., boundaries=...,
-      byte_kl=..., max_patch_norm=...)`` -> :class:`Losses`; the patch lengths come from ``patcher(ids)`` without
-      gradients (inside the root forward, as FSDP2 wants every unit to be), ``patcher`` None skips
-      the BLT loss (an entropy-model-only stage); ``byte_kl(logits)`` is the summed teacher KL on
-      the BLT's logits; ``max_patch_norm``: also :func:`patch_norm_penalty` of the global's input;
+      byte_kl=..., max_patch_norm=..., decoder_byte_dropout=...)`` -> :class:`Losses`; the patch
+      lengths come from ``patcher(ids)`` without gradients (inside the root forward, as FSDP2
+      wants every unit to be), ``patcher`` None skips the BLT loss (an entropy-model-only stage);
+      ``byte_kl(logits)`` is the summed teacher KL on the BLT's logits; ``max_patch_norm``: also
+      :func:`patch_norm_penalty` of the global's input; ``decoder_byte_dropout``: in training
+      mode, :func:`drop_bytes` on the local decoder's input;
     * distillation: ``forward(..., distill=fn)`` runs ``fn(self.blt)`` inside the root forward."""
 
     def __init__(self, model):
@@ -95,7 +98,7 @@ class TrainModule(nn.Module):
         return m.get_base_model() if hasattr(m, "get_base_model") else m
 
     def forward(self, input_ids, labels, patcher=None, entropy_loss=False, distill=None, boundaries=None,
-                byte_kl=None, max_patch_norm=None):
+                byte_kl=None, max_patch_norm=None, decoder_byte_dropout=0.0):
         if distill is not None:
             return distill(self.blt)
         zero = input_ids.new_zeros((), dtype=torch.float32)
@@ -108,13 +111,19 @@ class TrainModule(nn.Module):
             def capture(_module, _args, kwargs):  # the patch vectors where the global transformer receives them
                 box.setdefault("x", kwargs["inputs_embeds"])
 
-            hook = None
+            def withhold(_module, args, kwargs):  # the encoder's byte states where the local decoder receives them
+                dropped = drop_bytes(kwargs["inputs_embeds"], decoder_byte_dropout, input_ids)
+                return args, {**kwargs, "inputs_embeds": dropped}
+
+            hooks = []
             if max_patch_norm is not None:
-                hook = self.blt.model.global_transformer.register_forward_pre_hook(capture, with_kwargs=True)
+                hooks.append(self.blt.model.global_transformer.register_forward_pre_hook(capture, with_kwargs=True))
+            if decoder_byte_dropout and self.training:
+                hooks.append(self.blt.model.local_decoder.register_forward_pre_hook(withhold, with_kwargs=True))
             try:
                 logits = self.model(input_ids=input_ids, patch_lengths=patch_lengths, use_cache=False).logits
             finally:
-                if hook is not None:
+                for hook in hooks:
                     hook.remove()
             if max_patch_norm is not None:
                 norm = patch_norm_penalty(box["x"], patch_lengths, max_patch_norm)
@@ -135,6 +144,17 @@ def patch_norm_penalty(vectors: torch.Tensor, patch_lengths: torch.Tensor, max_n
     (a patch vector 1000x too long costs ~48, not 1e6)."""
     log_ratio = torch.log(vectors.float().norm(dim=-1).clamp(min=1e-12) / max_norm)
     return (F.relu(log_ratio).pow(2) * (patch_lengths > 0)).sum()
+
+
+def drop_bytes(states: torch.Tensor, p: float, input_ids: torch.Tensor) -> torch.Tensor:
+    """``states`` [B, T, D] with each byte's whole vector zeroed with probability ``p`` and the
+    others scaled by ``1 / (1 - p)`` (dropout over bytes, not coordinates).  Which bytes is a
+    function of each row's ``input_ids`` (their CRC-32 seeds the row's draw), so the masks do not
+    depend on the number of processes or on where a run resumed."""
+    draws = [torch.rand(len(row), generator=torch.Generator().manual_seed(zlib.crc32(row.numpy().tobytes())))
+             for row in input_ids.cpu()]
+    keep = torch.stack(draws) >= p
+    return states * keep[..., None].to(states.device, states.dtype) / (1.0 - p)
 
 
 def boundary_loss(entropies: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, spec) -> torch.Tensor:

@@ -117,6 +117,10 @@ class StageSpec(_Strict):
     distill: DistillSpec | None = None
     teacher_kl: TeacherKlSpec | None = None  # byte stages: learn the source's next-byte distributions too
     patch_norm: PatchNormSpec | None = None  # byte stages: bound the global's input norm
+    # byte stages: the probability with which each byte's encoder state is withheld from the local
+    # decoder in training (zeroed, the kept ones scaled by 1/(1-p), as dropout does; the exported
+    # model is unchanged): that byte is then predicted from earlier bytes and the global's states
+    decoder_byte_dropout: float = Field(0.0, ge=0, lt=1)
     boundaries: BoundarySpec | None = None  # entropy model: learn the source tokenizer's boundaries
 
     @model_validator(mode="after")
@@ -127,8 +131,8 @@ class StageSpec(_Strict):
                                  "(no 'global' in train, no lora)")
             if not (self.distill.decoder or self.distill.encoder):
                 raise ValueError(f"stage '{self.name}': distill needs decoder and/or encoder true")
-        for key in ("teacher_kl", "patch_norm"):
-            if getattr(self, key) is not None and (self.distill is not None or self.train == ["entropy_model"]):
+        for key in ("teacher_kl", "patch_norm", "decoder_byte_dropout"):
+            if getattr(self, key) not in (None, 0.0) and (self.distill is not None or self.train == ["entropy_model"]):
                 raise ValueError(f"stage '{self.name}': {key} trains the BLT in a byte stage (not with distill, "
                                  "not in an entropy-model-only stage)")
         if self.boundaries is not None and "entropy_model" not in self.train:

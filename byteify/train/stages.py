@@ -71,7 +71,9 @@ class StageRunner(Protocol):
 class ByteStage:
     """Plain and LoRA stages (with ``teacher_kl``: the source model's next-byte distributions as
     a second target, see :mod:`byteify.train.teacher_kl`; with ``patch_norm``: a penalty on the
-    global transformer's input norm, see :func:`byteify.train.model.patch_norm_penalty`)."""
+    global transformer's input norm, see :func:`byteify.train.model.patch_norm_penalty`; with
+    ``decoder_byte_dropout``: bytes withheld from the local decoder, see
+    :func:`byteify.train.model.drop_bytes`)."""
 
     def __init__(self, ctx: StageContext):
         from ..data.streams import ByteBatches
@@ -143,7 +145,8 @@ def byte_losses(ctx: StageContext, batch, entropy_loss: bool | None = None, with
     max_norm = ctx.stage.patch_norm.max_norm if ctx.stage.patch_norm is not None else None
     with ctx.autocast():
         out = ctx.module(ids, labels, patcher=None if ctx.entropy_only else ctx.patcher, entropy_loss=entropy_loss,
-                         boundaries=boundaries, byte_kl=byte_kl, max_patch_norm=max_norm)
+                         boundaries=boundaries, byte_kl=byte_kl, max_patch_norm=max_norm,
+                         decoder_byte_dropout=ctx.stage.decoder_byte_dropout)
     return out, labels
 
 

@@ -117,8 +117,9 @@ def test_resume_in_another_world_size_reproduces_weights_and_moments(tiny_conver
 
 
 def test_lora_and_distill_stages_under_torchrun(tmp_path):
-    """distill -> LoRA -> plain with teacher_kl and patch_norm in 2 processes equals 1 process (the model is
-    re-sharded at every stage; the teachers are sharded too)."""
+    """distill -> LoRA -> plain with teacher_kl, patch_norm and decoder_byte_dropout in 2 processes
+    equals 1 process (the model is re-sharded at every stage; the teachers are sharded too; the
+    withheld bytes are a function of the data, not of the process)."""
     from helpers import tiny_source_and_blt
 
     _, blt = tiny_source_and_blt(tmp_path / "m", layers=2, seed=3)
@@ -126,7 +127,8 @@ def test_lora_and_distill_stages_under_torchrun(tmp_path):
               "distill: {encoder_layers: 1}, steps: 2, batch_bytes: 256, lr: 3e-3}, "
               "{name: l, train: [local_decoder], lora: {rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}, "
               "steps: 2, batch_bytes: 256, lr: 1e-2}, {name: p, train: [local_encoder, global, local_decoder], "
-              "teacher_kl: {teacher_dtype: fp32}, patch_norm: {max_norm: 0.1}, steps: 2, batch_bytes: 256}]")
+              "teacher_kl: {teacher_dtype: fp32}, patch_norm: {max_norm: 0.1}, decoder_byte_dropout: 0.5, steps: 2, "
+              "batch_bytes: 256}]")
     one_process(blt, tmp_path / "one", *stages)
     torchrun(blt, tmp_path / "two", *stages)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
