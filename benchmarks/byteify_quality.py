@@ -65,12 +65,15 @@ resume from their newest checkpoint (``--resume auto``).  The results file
 far: each invocation lays the runs it finished (and those it finds finished in ``--work``) over it,
 so runs spread over sessions and machines (the work directory is scratch) add up to one table;
 ``--report-only`` trains and converts nothing, it only rewrites the table from the record.  A
-record made with another seed, held-out size or step size is not merged.  Budgets: ``--budgets
-460,1500`` (KB of training text per row; 4 KB per step).
+record made with another held-out size or step size is not merged.  Budgets: ``--budgets
+460,1500`` (KB of training text per row; 4 KB per step).  ``--seed N`` (N > 0) repeats rows
+with another training seed (data order; for rows 4 and 5 also another random global) on the
+same held-out text (the runs' ``data.split_seed`` stays 0): its runs, random globals and results
+file are named ``...-seedN``; conversions, the shared patcher and the step-0 gate are shared.
 
 Usage: nice -n 5 .venv/bin/python benchmarks/byteify_quality.py [--budgets 460] [--rows 1,2,3,4,5]
        [--work /tmp/byteify-quality] [--final-bytes 32768]
-Writes benchmarks/results/byteify_quality.{md,json,png}.
+Writes benchmarks/results/byteify_quality.{md,json,png} (``byteify_quality-seedN.*`` with ``--seed N``).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ BYTEIFY = str(Path(sys.executable).with_name("byteify"))
 SEQ_LEN, BATCH_BYTES = 1024, 4096
 ENTROPY_STEPS = 100
 SOURCE_CONVERSION = "convert-auto"  # the plain conversion: its directory rebuilds the source model (teacher, gate)
+SPLIT_SEED = 0  # the held-out text: the recipes' validation split under seed 0, whatever the run's seed
 DECODER_SHARE = 0.25  # row 2/4: the share of the budget spent on the decoder stage
 ALL = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
 WARM = ["local_encoder", "local_decoder", "global"]  # hash tables frozen
@@ -135,6 +139,11 @@ def convert(work: Path, name: str, *options: str) -> Path:
     if not (out / "config.json").exists():
         sh(BYTEIFY, "convert", smollm2(), str(out), "--force", *options)
     return out
+
+
+def tagged(name: str, seed: int) -> str:
+    """``name`` for seed 0, ``name-seedN`` for another seed (runs, random globals, results)."""
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
 def newest_model(run: Path) -> Path:
@@ -211,7 +220,8 @@ def run_recipe(work: Path, name: str, model: Path, stages: list, eval_every: int
     if done(out):
         return out
     recipe = {"model": str(model), "output_dir": str(out), "seed": seed,
-              "data": {"sources": [{"path": "default"}], "seq_len": SEQ_LEN, "val_fraction": 0.05},
+              "data": {"sources": [{"path": "default"}], "seq_len": SEQ_LEN, "val_fraction": 0.05,
+                       "split_seed": SPLIT_SEED},
               "patching": {"mode": "entropy"}, "stages": stages,
               "run": {"device": "auto", "log_every": 10, "eval_every": eval_every, "eval_batches": 4,
                       "save_every": 25, "keep_last": 1, "progress": False}}
@@ -260,7 +270,7 @@ def held_out_docs(max_bytes: int) -> list[bytes]:
 
     recipe, _ = load_recipe("smollm2-135m")
     sources = recipe.data.sources
-    return first_bytes(held_out_documents(sources, decide_holdout(sources, recipe.data.val_fraction, recipe.seed)),
+    return first_bytes(held_out_documents(sources, decide_holdout(sources, recipe.data.val_fraction, SPLIT_SEED)),
                        max_bytes)
 
 
@@ -374,9 +384,9 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
             sets = [x for o in options for x in ("--set", o)]
             starts[key] = with_patcher(convert(work, name, "--preset", "warm", *sets), patcher, work / f"start-{key}")
     if "4" in rows:
-        starts["4"] = random_global(starts["2"], work / "start-4", seed + 1)
+        starts["4"] = random_global(starts["2"], work / tagged("start-4", seed), seed + 1)
     if {"5", "5k"} & set(rows):
-        starts["5"] = starts["5k"] = random_global(starts["3"], work / "start-5", seed + 1)
+        starts["5"] = starts["5k"] = random_global(starts["3"], work / tagged("start-5", seed), seed + 1)
     return base, starts
 
 
@@ -384,7 +394,8 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
     """Step-0 and per-budget results of every row (cached per run), and its validation curves."""
     res, curves = {}, {}
     for key in [r for r in rows if r != "1"]:
-        res[key] = {"step0": cached(work / f"eval-{key}-step0.json", lambda key=key: evaluate(starts[key], docs))}
+        res[key] = {"step0": cached(work / f"{tagged(f'eval-{key}', seed)}-step0.json",
+                                   lambda key=key: evaluate(starts[key], docs))}
         for kb in budgets:
             steps = round(kb * 1024 / BATCH_BYTES)
             recipe = (warm_recipe(steps, distill=key == "2d") if key in ("2", "4", "2b", "2d", "2s", "2f")
@@ -394,7 +405,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else plain_recipe(steps, patch_norm={"max_norm": 6.0}) if key == "2qn"
                       else plain_recipe(steps, decoder_byte_dropout=0.3) if key == "2qx"
                       else plain_recipe(steps))
-            run = run_recipe(work, f"{key}-{kb}kb", starts[key], recipe, max(2, steps // 6), seed)
+            run = run_recipe(work, tagged(f"{key}-{kb}kb", seed), starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
         print(key, res[key], flush=True)
     return res, curves
@@ -427,13 +438,15 @@ def recorded_results(path: Path, config: dict, work: Path, rows: list[str], budg
         old = {}
     res = {key: {int(k) if k.isdigit() and key != "gate" else k: v for k, v in cells.items()}
            for key, cells in old.get("results", {}).items()}
-    curves = old.get("curves", {})
+    curves, seed = old.get("curves", {}), config["seed"]
     for key in [r for r in rows if r != "1"]:
-        if (work / f"eval-{key}-step0.json").exists():
-            res.setdefault(key, {})["step0"] = json.loads((work / f"eval-{key}-step0.json").read_text())
+        step0 = work / f"{tagged(f'eval-{key}', seed)}-step0.json"
+        if step0.exists():
+            res.setdefault(key, {})["step0"] = json.loads(step0.read_text())
         for kb in budgets:
-            if done(work / "runs" / f"{key}-{kb}kb") and "step0" in res.get(key, {}):
-                res[key][kb], curves[curve_name(key, kb)] = finished_cell(work / "runs" / f"{key}-{kb}kb", docs)
+            run = work / "runs" / tagged(f"{key}-{kb}kb", seed)
+            if done(run) and "step0" in res.get(key, {}):
+                res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
     if (work / "eval-source.json").exists():
         res["1"] = {"step0": json.loads((work / "eval-source.json").read_text())}
     for key in GATES:
@@ -501,7 +514,8 @@ def main():
     docs = held_out_docs(args.final_bytes)
     n_bytes = sum(len(d) for d in docs)
     config = {"seed": args.seed, "final_bytes": args.final_bytes, "batch_bytes": BATCH_BYTES, "seq_len": SEQ_LEN}
-    res, curves = recorded_results(out / "byteify_quality.json", config, work, rows, budgets, docs)
+    stem = tagged("byteify_quality", args.seed)
+    res, curves = recorded_results(out / f"{stem}.json", config, work, rows, budgets, docs)
     if not args.report_only:
         base, starts = starting_models(work, rows, args.seed)
         new, new_curves = run_rows(work, rows, budgets, starts, docs, args.seed)
@@ -513,7 +527,7 @@ def main():
             {key: cached(work / f"gate-{key}.json", lambda key=key: step0_gate(starts[key], base, docs))
              for key in GATES if key in starts and (key in ("2", "3") or key in rows)})
     if "1" not in res:
-        raise SystemExit(f"{out / 'byteify_quality.json'}: no record made with {config}; run without --report-only")
+        raise SystemExit(f"{out / f'{stem}.json'}: no record made with {config}; run without --report-only")
     header = (f"Decisive table: SmolLM2-135M byte-ified on the embedded corpus, seed {args.seed}, {BATCH_BYTES}-byte "
               f"steps, {platform.machine()}, {os.cpu_count()} CPU cores; held-out bits per byte on {n_bytes:,} bytes "
               f"of the validation split, every row under the same boundary-trained causal entropy patcher "
@@ -521,10 +535,10 @@ def main():
               f"{(time.perf_counter() - t0) / 60:.0f} min.")
     text = report(res, rows, budgets, header)
     print(text)
-    (out / "byteify_quality.md").write_text(text + "\n")
-    (out / "byteify_quality.json").write_text(json.dumps({"config": config, "results": res, "curves": curves}, indent=2, default=str))
-    if plot(curves, res["1"]["step0"]["bpb"], out / "byteify_quality.png"):
-        print(f"curve: {out / 'byteify_quality.png'}")
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"config": config, "results": res, "curves": curves}, indent=2, default=str))
+    if plot(curves, res["1"]["step0"]["bpb"], out / f"{stem}.png"):
+        print(f"curve: {out / f'{stem}.png'}")
 
 
 if __name__ == "__main__":

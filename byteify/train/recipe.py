@@ -30,6 +30,9 @@ class DataSpec(_Strict):
     sources: list[SourceSpec] = [SourceSpec()]
     seq_len: int = Field(1024, ge=8, description="bytes per training sequence")
     val_fraction: float = Field(0.05, gt=0, lt=1)
+    # which documents are held out is keyed by this seed (None: the run's seed); fix it to compare
+    # runs with other seeds on the same held-out text, none of them training on it
+    split_seed: int | None = None
 
 
 class CalibrationSpec(_Strict):

@@ -98,7 +98,8 @@ class Trainer:
         rows = max(r.run.eval_batches * self._micro_batch(s) for s in r.stages)
         if r.calibration is not None:
             rows = max(rows, -(-r.calibration.max_bytes // r.data.seq_len))
-        return validation_rows(r.data.sources, r.data.seq_len, r.data.val_fraction, r.seed, max_rows=rows)
+        split_seed = r.seed if r.data.split_seed is None else r.data.split_seed
+        return validation_rows(r.data.sources, r.data.seq_len, r.data.val_fraction, split_seed, max_rows=rows)
 
     def run(self) -> dict:
         self.setup()

@@ -298,3 +298,22 @@ def test_frozen_hash_tables_without_warm_start_get_a_note(tiny_converted, tmp_pa
     meta = json.loads((warm / "byteify.json").read_text())
     (warm / "byteify.json").write_text(json.dumps({**meta, "vocab_warm_start": {"entries": 1}}))
     assert logged(warm, tmp_path / "b") == []  # written tables: frozen on purpose
+
+
+def test_split_seed_keeps_the_held_out_text_across_run_seeds(tiny_converted, tmp_path):
+    """``data.split_seed`` fixes which documents are validation text, whatever the run's seed:
+    a seed sweep is scored on, and never trains on, the same held-out text."""
+    from types import SimpleNamespace
+
+    def validation(*overrides):
+        recipe, raw = load_recipe("tiny-cpu", [f"model={tiny_converted}", f"output_dir={tmp_path / 'r'}", *overrides])
+        trainer = Trainer(recipe, raw, log=lambda m: None)
+        trainer.dist = SimpleNamespace(world=1)
+        rows, holdout = trainer._validation()
+        return torch.as_tensor(rows), holdout
+
+    rows0, split0 = validation("seed=0")
+    rows1, split1 = validation("seed=1")
+    assert split0 != split1 and not torch.equal(rows0, rows1)  # by default the split follows the run's seed
+    rows_fixed, split_fixed = validation("seed=1", "data.split_seed=0")
+    assert split_fixed == split0 and torch.equal(rows_fixed, rows0)
