@@ -245,6 +245,7 @@ for last in (False, True):
 if dist.main:
     print("PROBE" + json.dumps({"units": sorted(units), "policies": policies, "grads": grads,
                                 "trainable": sum(p.requires_grad for p in module32.parameters())}))
+dist.barrier()  # both ranks past their last collective before either tears gloo down
 dist.close()
 """
 
@@ -255,7 +256,7 @@ def test_fsdp2_units_mixed_precision_and_gradient_sync(tiny_converted, tmp_path)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script),
                            str(tiny_converted)], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-1000:] + proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("PROBE", 1)[1].splitlines()[0])
     units = set(got["units"])
     assert {"<root>", "model.model.encoder_hash_tok_embedding", "model.model.patcher",
