@@ -25,7 +25,8 @@ from helpers import checkpoint_state, checkpoint_weights
 ROOT = Path(__file__).resolve().parents[2]
 TWO_STAGES = ("stages=[{name: a, train: [local_encoder, hash_embeddings, local_decoder], steps: 3, batch_bytes: 1024, "
               "lr: 3e-3, warmup_steps: 1}, {name: b, train: [local_encoder, hash_embeddings, local_decoder, global], "
-              "lr_multipliers: {global: 0.1}, steps: 3, batch_bytes: 1024, lr: 3e-3, warmup_steps: 1}]")
+              "lr_multipliers: {global: 0.1}, steps: 3, batch_bytes: 1024, lr: 3e-3, warmup_steps: 1, "
+              "decoder_byte_dropout: 0.2}]")  # b's withheld bytes must not depend on world size or resume
 COMMON = ("run.progress=false", "run.log_every=1", "run.eval_every=3", "run.save_every=100")
 
 
