@@ -1,0 +1,113 @@
+"""What a conversion preset costs the GPU recipes: the dry run's per-GPU budget
+(:mod:`byteify.train.budget`) of each shipped GPU recipe on 8 GPUs, from its source's real shapes
+(Llama 3.2 1B, Llama 3.1 8B config values; the model is built on the meta device, nothing is
+downloaded), once converted as the recipe's header says (``--preset auto`` with its ``--set``
+flags) and once with the vocabulary warm start (``--preset warm-16k``: cross_attn_k 1, so the
+local encoder and decoder are as wide as the global transformer; the header's decoder depth kept).
+
+Usage: .venv/bin/python benchmarks/gpu_plan.py [--world 8] [--presets auto warm-16k] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+SOURCE_SHAPES = {  # the GPU recipes' sources, their config.json values
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, rope_parameters={**LLAMA3_ROPE, "factor": 32.0}),
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, rope_parameters={**LLAMA3_ROPE, "factor": 8.0}),
+}
+# set flags the warm start overrides: it needs k = 1 and local width = global width
+WIDTH_FLAGS = re.compile(r"^(cross_attn_k|(encoder|decoder)\.(hidden_size|num_attention_heads))=")
+
+
+def header_sets(name: str, preset: str = "auto") -> list[str]:
+    """The ``--set`` flags of the convert command in the recipe's header (for ``preset`` other
+    than auto: without the width flags the warm start replaces)."""
+    from byteify.train.recipe import shipped_recipes
+
+    sets = re.findall(r"--set (\S+)", shipped_recipes()[name].read_text())
+    return sets if preset == "auto" else [s for s in sets if not WIDTH_FLAGS.match(s)]
+
+
+def config_only_conversion(name: str, root: Path, preset: str = "auto") -> Path:
+    """A directory with the config ``byteify convert --preset PRESET`` writes for the recipe's
+    source and no weights (the dry run builds the model on the meta device)."""
+    from transformers import LlamaConfig
+
+    from byteify.convert.presets import load_spec
+    from byteify.convert.sources import SourceCheckpoint
+    from byteify.convert.transplant import build_blt_config
+
+    source = SourceCheckpoint(path=root, format="hf", architecture="LlamaForCausalLM", files=[],
+                              config=LlamaConfig(vocab_size=128256, max_position_embeddings=131072, **SOURCE_SHAPES[name]))
+    config, _ = build_blt_config(source, load_spec(preset, header_sets(name, preset)))
+    out = root / f"{name}-{preset}"
+    config.save_pretrained(str(out))
+    (out / "model.safetensors").write_bytes(b"")
+    (out / "byteify.json").write_text(json.dumps({"source_bytes_per_token": 4.4}))  # Llama 3's tokenizer on English
+    return out
+
+
+def measure(name: str, preset: str, world: int, root: Path) -> list[dict]:
+    """One row per stage of the recipe: parameters per part and the per-GPU budget."""
+    import torch
+    from transformers import AutoConfig, BltForCausalLM
+
+    from byteify.train.budget import GIB, stage_budget
+    from byteify.train.model import apply_stage, param_counts
+    from byteify.train.recipe import load_recipe
+
+    model_dir = config_only_conversion(name, root, preset)
+    recipe, _ = load_recipe(name, [f"model={model_dir}"])
+    config = AutoConfig.from_pretrained(str(model_dir))
+    rows = []
+    for stage in recipe.stages:
+        with torch.device("meta"):
+            counts = param_counts(apply_stage(BltForCausalLM(config), stage))
+        b = stage_budget(config, counts, stage, recipe.data.seq_len, world, 4.4)
+        size = lambda *parts: sum(counts[p]["trainable"] + counts[p]["frozen"] for p in parts)  # noqa: E731
+        ckpt = recipe.run.activation_checkpointing
+        rows.append({"recipe": name, "preset": preset, "stage": stage.name, "local_width": config.encoder_config.hidden_size,
+                     "local_params": size("local_encoder", "local_decoder"), "hash_params": size("hash_embeddings"),
+                     "gflop_per_byte": b.flops_per_byte["checkpointing" if ckpt else "no checkpointing"] / 1e9,
+                     "total_gib": b.total(ckpt) / GIB, "kbytes_per_s": b.bytes_per_second(ckpt) / 1e3})
+    return rows
+
+
+def table(rows: list[dict], world: int) -> str:
+    lines = [f"| recipe, stage | preset | local width | encoder + decoder | hash tables | GFLOP per byte | "
+             f"total per GPU ({world} GPUs) | expected per GPU at 25% MFU |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['recipe']}, {r['stage']} | `{r['preset']}` | {r['local_width']:,} | {r['local_params'] / 1e6:,.0f}M | "
+                     f"{r['hash_params'] / 1e6:,.0f}M | {r['gflop_per_byte']:.1f} | {r['total_gib']:.1f} GiB | "
+                     f"{r['kbytes_per_s']:.0f} kB/s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", type=int, default=8)
+    ap.add_argument("--presets", nargs="+", default=["auto", "warm-16k"])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [r for name in SOURCE_SHAPES for preset in args.presets for r in measure(name, preset, args.world, Path(tmp))]
+    print(table(rows, args.world))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
