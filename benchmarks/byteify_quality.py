@@ -531,8 +531,9 @@ def main():
     header = (f"Decisive table: SmolLM2-135M byte-ified on the embedded corpus, seed {args.seed}, {BATCH_BYTES}-byte "
               f"steps, {platform.machine()}, {os.cpu_count()} CPU cores; held-out bits per byte on {n_bytes:,} bytes "
               f"of the validation split, every row under the same boundary-trained causal entropy patcher "
-              f"({ENTROPY_STEPS} steps, threshold calibrated to the source's bytes per token); this invocation "
-              f"{(time.perf_counter() - t0) / 60:.0f} min.")
+              f"({ENTROPY_STEPS} steps, threshold calibrated to the source's bytes per token); "
+              + ("made with --report-only from the results file and the finished runs." if args.report_only else
+                 f"this invocation {(time.perf_counter() - t0) / 60:.0f} min."))
     text = report(res, rows, budgets, header)
     print(text)
     (out / f"{stem}.md").write_text(text + "\n")
