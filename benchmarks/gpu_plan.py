@@ -28,6 +28,7 @@ SOURCE_SHAPES = {  # the GPU recipes' sources, their config.json values
     "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          intermediate_size=14336, rope_parameters={**LLAMA3_ROPE, "factor": 8.0}),
 }
+BYTES_PER_TOKEN = 4.4  # Llama 3's tokenizer on English: the patch size the budget assumes
 # set flags the warm start overrides: it needs k = 1 and local width = global width
 WIDTH_FLAGS = re.compile(r"^(cross_attn_k|(encoder|decoder)\.(hidden_size|num_attention_heads))=")
 
@@ -56,7 +57,7 @@ def config_only_conversion(name: str, root: Path, preset: str = "auto") -> Path:
     out = root / f"{name}-{preset}"
     config.save_pretrained(str(out))
     (out / "model.safetensors").write_bytes(b"")
-    (out / "byteify.json").write_text(json.dumps({"source_bytes_per_token": 4.4}))  # Llama 3's tokenizer on English
+    (out / "byteify.json").write_text(json.dumps({"source_bytes_per_token": BYTES_PER_TOKEN}))
     return out
 
 
@@ -76,7 +77,7 @@ def measure(name: str, preset: str, world: int, root: Path) -> list[dict]:
     for stage in recipe.stages:
         with torch.device("meta"):
             counts = param_counts(apply_stage(BltForCausalLM(config), stage))
-        b = stage_budget(config, counts, stage, recipe.data.seq_len, world, 4.4)
+        b = stage_budget(config, counts, stage, recipe.data.seq_len, world, BYTES_PER_TOKEN)
         size = lambda *parts: sum(counts[p]["trainable"] + counts[p]["frozen"] for p in parts)  # noqa: E731
         ckpt = recipe.run.activation_checkpointing
         rows.append({"recipe": name, "preset": preset, "stage": stage.name, "local_width": config.encoder_config.hidden_size,
