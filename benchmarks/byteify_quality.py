@@ -46,6 +46,8 @@ same seed, same training bytes, the same held-out text and the same causal patch
    predicted from earlier bytes and the global's states (rows 3 and 2qk barely read the global).
 5k. (``--rows ...,5k``) row 5 with the same ``teacher_kl``: separates what the teacher's targets
    give from what the transplanted global and the warm start give.
+4q. (``--rows ...,4q``) row 4 for the shipped warm start: row 2q's conversion with the global
+   re-initialised, row 2q's recipe (separates ``warm-16k``'s effect from the transplant's).
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -118,7 +120,8 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qk": "row 2q + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
          "2qn": "row 2q + the global's input norm bounded (patch_norm, max_norm 6)",
          "2qx": "row 2q + bytes withheld from the decoder in training (decoder_byte_dropout 0.3)",
-         "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)"}
+         "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
+         "4q": "warm start at 16,384 buckets (row 2q's conversion) + random global, row 2q's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
@@ -379,12 +382,15 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
                 "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K, "2qn": WARM_16K, "2qx": WARM_16K,  # one conversion, six recipes
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
+    needed = set(rows) | ({"2q"} if "4q" in rows else set())  # row 4q starts from row 2q's start
     for key, (name, *options) in variants.items():
-        if key in rows:
+        if key in needed:
             sets = [x for o in options for x in ("--set", o)]
             starts[key] = with_patcher(convert(work, name, "--preset", "warm", *sets), patcher, work / f"start-{key}")
     if "4" in rows:
         starts["4"] = random_global(starts["2"], work / tagged("start-4", seed), seed + 1)
+    if "4q" in rows:
+        starts["4q"] = random_global(starts["2q"], work / tagged("start-4q", seed), seed + 1)
     if {"5", "5k"} & set(rows):
         starts["5"] = starts["5k"] = random_global(starts["3"], work / tagged("start-5", seed), seed + 1)
     return base, starts
