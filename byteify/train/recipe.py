@@ -124,6 +124,10 @@ class StageSpec(_Strict):
     # decoder in training (zeroed, the kept ones scaled by 1/(1-p), as dropout does; the exported
     # model is unchanged): that byte is then predicted from earlier bytes and the global's states
     decoder_byte_dropout: float = Field(0.0, ge=0, lt=1)
+    # byte stages on a warm-started model: the written content stays as converted (the global reads
+    # the converted patch vectors at every step), the local side trains in the free_dims coordinates
+    # (see byteify.train.written)
+    keep_warm_start: bool = False
     boundaries: BoundarySpec | None = None  # entropy model: learn the source tokenizer's boundaries
 
     @model_validator(mode="after")
@@ -134,8 +138,8 @@ class StageSpec(_Strict):
                                  "(no 'global' in train, no lora)")
             if not (self.distill.decoder or self.distill.encoder):
                 raise ValueError(f"stage '{self.name}': distill needs decoder and/or encoder true")
-        for key in ("teacher_kl", "patch_norm", "decoder_byte_dropout"):
-            if getattr(self, key) not in (None, 0.0) and (self.distill is not None or self.train == ["entropy_model"]):
+        for key in ("teacher_kl", "patch_norm", "decoder_byte_dropout", "keep_warm_start"):
+            if getattr(self, key) not in (None, 0.0, False) and (self.distill is not None or self.train == ["entropy_model"]):
                 raise ValueError(f"stage '{self.name}': {key} trains the BLT in a byte stage (not with distill, "
                                  "not in an entropy-model-only stage)")
         if self.boundaries is not None and "entropy_model" not in self.train:

@@ -36,6 +36,7 @@ from .model import build_module, carried_weights, load_weights, param_counts
 from .optim import build_optimizer, build_scheduler, lr_lambda
 from .recipe import Recipe, StageSpec
 from .stages import LN2, ByteStage, StageContext, StepResult
+from .written import keep_written
 
 TRAINING_META = "training"  # byteify.json key of a checkpoint's model directory
 
@@ -55,6 +56,7 @@ class Trainer:
         self.resume_from = ckpt.resolve_resume(resume, self.run_dir)
         self.stop_signal = None
         self.shared: dict = {}  # what stages share (a teacher, ...)
+        self.written = None  # the warm start's fixed entries in a keep_warm_start stage
 
     # ---- 1. setup ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -136,6 +138,7 @@ class Trainer:
             load_weights(module, self.carried if self.carried is not None else self.location.weights(), r.seed + index)
             self.state.update(stage_index=index, stage_step=0, stage_name=stage.name)
         self.carried = None
+        self.written = keep_written(module, stage, self.location.metadata)
         ctx = self.stage_context(index, module)
         runner = self.runner(ctx)
         if resuming:
@@ -207,10 +210,14 @@ class Trainer:
         if not math.isfinite(result.loss):
             raise ByteifyError(f"non-finite loss ({result.loss}) at step {self.state['global_step'] + 1} of stage "
                                f"'{ctx.stage.name}'; last good checkpoint: {ckpt.latest_checkpoint(self.run_dir) or 'none'}")
+        if self.written is not None:
+            self.written.mask_grads()
         if ctx.stage.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in ctx.module.parameters() if p.requires_grad], ctx.stage.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.written is not None:
+            self.written.restore()
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self, ctx: StageContext, optimizer, scheduler, runner) -> Path:

@@ -141,6 +141,30 @@ def test_lora_and_distill_stages_under_torchrun(tmp_path):
     assert_same_training_state(newest(tmp_path / "one"), newest(tmp_path / "two"))
 
 
+def test_keep_warm_start_in_two_processes_resumed_in_one(tmp_path):
+    """keep_warm_start on FSDP2 shards (the encoder's fixed rows split between the ranks): 2
+    processes stopped mid-stage and resumed in 1 equal one uninterrupted process, and the
+    written entries are still as converted."""
+    from helpers import tiny_warm_blt
+
+    blt = tiny_warm_blt(tmp_path / "m", free_dims=8)  # rows 0-23 of 32 fixed: rank 0 holds 0-15, rank 1 16-31
+    stage = ("data.seq_len=64", "stages=[{name: w, train: [local_encoder, hash_embeddings, local_decoder, global], "
+             "keep_warm_start: true, steps: 4, batch_bytes: 256, lr: 1e-2, weight_decay: 0.1}]")
+    one_process(blt, tmp_path / "ref", *stage)
+    torchrun(blt, tmp_path / "run", *stage, "run.stop_after=2")
+    one_process(blt, tmp_path / "run", *stage, resume="auto")
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-4, (s, a[s]["loss"], b[s]["loss"])
+    assert_same_training_state(newest(tmp_path / "ref"), newest(tmp_path / "run"))
+    before, after = checkpoint_weights(blt), checkpoint_weights(newest(tmp_path / "run"))
+    name = "model.local_encoder.layers.0.mlp.down_proj.weight"
+    assert torch.equal(after[name][:24], torch.zeros_like(after[name][:24])) and after[name][24:].abs().max() > 0
+    assert torch.equal(after["model.encoder_hash_tok_embedding.weight"][:, :24],
+                       before["model.encoder_hash_tok_embedding.weight"][:, :24])
+
+
 def test_bf16_teacher_sharded_under_torchrun_gives_the_same_targets(tmp_path):
     """The default bf16 teacher, sharded over 2 processes (computing in bf16 under FSDP2's
     policy), gives one process's teacher KL on the same step within bf16 noise."""
