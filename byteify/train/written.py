@@ -14,8 +14,10 @@ decoder's input (the same byte states) learns freely:
 * the pooling cross-attention and the patch projection stay as converted (frozen whole, in
   :func:`byteify.train.model.apply_stage`).
 
-Fixed entries get zero gradient (so gradient clipping does not count them) and are copied back
-after every optimizer step (weight decay moves them otherwise).  Works on FSDP2 shards (each
+Fixed entries keep the values the stage starts with (the converted ones unless an earlier stage
+changed them): they get zero gradient (so gradient clipping does not count them and their AdamW
+moments stay zero) and are copied back after every optimizer step (weight decay moves them
+otherwise).  Works on FSDP2 shards (each
 process fixes the rows it holds)."""
 
 from __future__ import annotations
