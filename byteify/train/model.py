@@ -181,11 +181,14 @@ def boundary_targets(ids: torch.Tensor, source_patcher) -> tuple[torch.Tensor, t
 def apply_stage(model, stage: StageSpec):
     """Freeze everything the stage does not train; inject LoRA into the global transformer.
     Returns the (possibly peft) model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     from .written import FROZEN_WHOLE
 
+    def trains(name: str) -> bool:
+        return part_of(name) in stage.train and not (stage.keep_warm_start and FROZEN_WHOLE.search(name))
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name, p in base.named_parameters():
-        p.requires_grad_(part_of(name) in stage.train and not (stage.keep_warm_start and FROZEN_WHOLE.search(name)))
+        p.requires_grad_(trains(name))
     if stage.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -196,7 +199,7 @@ def apply_stage(model, stage: StageSpec):
     peft_model = get_peft_model(base, cfg)
     # peft freezes everything but the adapters: re-enable the stage's fully trained parts.
     for name, p in peft_model.named_parameters():
-        if "lora_" not in name and part_of(name) in stage.train and not (stage.keep_warm_start and FROZEN_WHOLE.search(name)):
+        if "lora_" not in name and trains(name):
             p.requires_grad_(True)
     return peft_model
 
