@@ -7,8 +7,8 @@ same seed, same training bytes, the same held-out text and the same causal patch
    already speak the source's language), then end to end with the global at 1/10 of the local
    learning rate; the hash tables stay frozen (they hold the written vocabulary; 528M
    parameters are too many for Adam on a CPU);
-3. transplant without warm start (``--preset auto``): today's ``smollm2-135m`` recipe, one
-   end-to-end stage, everything trains, global at 1/10;
+3. transplant without warm start (``--preset auto``): one end-to-end stage, everything trains,
+   global at 1/10 (the ``smollm2-135m`` recipe before the warm start);
 4. warm start + *random* global: row 2's conversion with the global transformer re-initialised,
    row 2's recipe (separates the warm encoder's effect from the transplant's);
 5. random global: row 3's conversion with the global re-initialised, row 3's recipe;
@@ -53,7 +53,10 @@ same seed, same training bytes, the same held-out text and the same causal patch
    ``keep_warm_start``: the written columns of the tables, the encoder's zero branches into them,
    the pooling and the projection stay as converted, so the transplanted global reads the step-0
    patch vectors at every step, while the local side trains in the 128 free coordinates (every
-   other row lets training overwrite the written content within a few dozen steps).
+   other row lets training overwrite the written content within a few dozen steps).  The
+   conversion is ``--preset warm-kept``'s and the recipe the shipped ``smollm2-135m``'s.
+4qw. (``--rows ...,4qw``) row 4 for row 2qw: row 2qw's conversion with the global re-initialised,
+   row 2qw's recipe (the same kept encoder in front of a random global: the transplant's share).
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -112,7 +115,7 @@ ALL = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
 WARM = ["local_encoder", "local_decoder", "global"]  # hash tables frozen
 NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2": "warm start (unit_exponent -6) + transplanted global (decoder stage, then end to end; hash tables frozen)",
-         "3": "transplant, no warm start (the shipped smollm2-135m recipe)",
+         "3": "transplant, no warm start (--preset auto): one end-to-end stage, everything trains, global at 0.1x",
          "4": "warm start + random global",
          "5": "random global, no warm start",
          "2b": "row 2, the decoder's readers blind to the length offsets (decoder_ignores_offset)",
@@ -128,7 +131,8 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qx": "row 2q + bytes withheld from the decoder in training (decoder_byte_dropout 0.3)",
          "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
          "4q": "warm start at 16,384 buckets (row 2q's conversion) + random global, row 2q's recipe",
-         "2qw": "warm start at 16,384 buckets, free_dims 128, the written content kept (keep_warm_start), row 2q's recipe"}
+         "2qw": "warm start at 16,384 buckets, free_dims 128 (--preset warm-kept), the written content kept (keep_warm_start), row 2q's recipe: the shipped smollm2-135m recipe",
+         "4qw": "row 2qw's conversion (written content kept) + random global, row 2qw's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
@@ -391,7 +395,7 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K, "2qn": WARM_16K, "2qx": WARM_16K,  # one conversion, six recipes
                 "2qw": ("convert-warm-16k-free128", *WARM_16K[1:], "vocab_warm_start.free_dims=128"),
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
-    needed = set(rows) | ({"2q"} if "4q" in rows else set())  # row 4q starts from row 2q's start
+    needed = set(rows) | ({"2q"} if "4q" in rows else set()) | ({"2qw"} if "4qw" in rows else set())  # 4q(w): 2q(w)'s start
     for key, (name, *options) in variants.items():
         if key in needed:
             sets = [x for o in options for x in ("--set", o)]
@@ -400,6 +404,8 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
         starts["4"] = random_global(starts["2"], work / tagged("start-4", seed), seed + 1)
     if "4q" in rows:
         starts["4q"] = random_global(starts["2q"], work / tagged("start-4q", seed), seed + 1)
+    if "4qw" in rows:
+        starts["4qw"] = random_global(starts["2qw"], work / tagged("start-4qw", seed), seed + 1)
     if {"5", "5k"} & set(rows):
         starts["5"] = starts["5k"] = random_global(starts["3"], work / tagged("start-5", seed), seed + 1)
     return base, starts
@@ -419,7 +425,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else plain_recipe(steps, teacher_kl={"weight": 1.0}) if key in ("2qk", "5k")
                       else plain_recipe(steps, patch_norm={"max_norm": 6.0}) if key == "2qn"
                       else plain_recipe(steps, decoder_byte_dropout=0.3) if key == "2qx"
-                      else plain_recipe(steps, keep_warm_start=True) if key == "2qw"
+                      else plain_recipe(steps, keep_warm_start=True) if key in ("2qw", "4qw")
                       else plain_recipe(steps))
             run = run_recipe(work, tagged(f"{key}-{kb}kb", seed), starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)

@@ -144,6 +144,15 @@ def tiny_converted(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_warm(tmp_path_factory) -> Path:
+    """A tiny converted model with the vocabulary warm start, 8 of its 32 encoder coordinates free
+    (what ``keep_warm_start`` stages and the recipes that use it need; read-only)."""
+    from helpers import tiny_warm_blt
+
+    return tiny_warm_blt(tmp_path_factory.mktemp("tiny-warm"), free_dims=8)
+
+
+@pytest.fixture(scope="session")
 def tiny_entropy_blt(tmp_path_factory) -> Path:
     """A tiny converted model with a source tokenizer and an entropy model whose entropies spread
     (weights scaled up): what the patching, calibration and viewer tests read (read-only)."""

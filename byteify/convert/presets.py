@@ -142,6 +142,14 @@ PRESETS: dict[str, dict] = {
 # ~460 KB vs 2.706 without a warm start; after ~1.5 MB 1.977 vs a random global's 1.998:
 # benchmarks/byteify_quality.py row 2q).
 PRESETS["warm-16k"] = {**PRESETS["warm"], "hash": {**PRESETS["warm"]["hash"], "vocab_size": 16384}}
+# warm-16k with 128 encoder coordinates left free of the written content (free_dims), for recipes
+# whose stages keep the written content (``keep_warm_start: true``, byteify.train.written: the
+# global reads the converted patch vectors throughout, the local side trains in the free
+# coordinates).  The shipped recipes' conversion: with the smollm2-135m recipe the best row
+# measured (SmolLM2: 2.468 bits/byte after ~460 KB, 1.833 after ~1.5 MB, vs 2.576 / 1.977 for
+# warm-16k trained whole and 2.623 / 1.998 for a random global: benchmarks/byteify_quality.py
+# row 2qw); its step-0 bound 1.628 (1.52x the exact embeddings).
+PRESETS["warm-kept"] = {**PRESETS["warm-16k"], "vocab_warm_start": {"enabled": True, "free_dims": 128}}
 
 
 def load_spec(preset: str | None = "auto", overrides: list[str] | None = None) -> ArchitectureSpec:

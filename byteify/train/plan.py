@@ -13,6 +13,7 @@ from ..parts import PARTS
 from ..resolve import locate
 from .model import apply_stage, param_counts
 from .recipe import Recipe, parts_for
+from .written import check_stages
 
 
 def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str:
@@ -23,6 +24,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str
     from .budget import budget_lines, stage_budget
 
     loc = locate(recipe.model)
+    check_stages(recipe.stages, loc.metadata)
     config = AutoConfig.from_pretrained(str(loc.config_dir))
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     patch_bytes = float(loc.metadata.get("source_bytes_per_token") or 4.5)

@@ -36,7 +36,7 @@ from .model import build_module, carried_weights, load_weights, param_counts
 from .optim import build_optimizer, build_scheduler, lr_lambda
 from .recipe import Recipe, StageSpec
 from .stages import LN2, ByteStage, StageContext, StepResult
-from .written import keep_written
+from .written import check_stages, keep_written
 
 TRAINING_META = "training"  # byteify.json key of a checkpoint's model directory
 
@@ -74,6 +74,7 @@ class Trainer:
                 self.log(f"resuming from {self.resume_from} (stage '{self.state['stage_name']}', "
                          f"step {self.state['global_step']}, written by {self.state.get('world_size', 1)} process(es))")
         self.location: Location = locate(start)  # a model dir, checkpoint or run: the weights the run started from
+        check_stages(r.stages, self.location.metadata)
         self.state["base_model_dir"] = str(self.location.config_dir)
         from transformers import AutoConfig
 

@@ -1,7 +1,7 @@
 """The vocabulary warm start's written content held fixed while the local modules train (stage
 option ``keep_warm_start``).
 
-With ``byteify convert --preset warm-16k --set vocab_warm_start.free_dims=f`` the first ``c = d - f``
+With ``byteify convert --preset warm-kept`` (``free_dims`` f = 128) the first ``c = d - f``
 coordinates of the encoder's byte states carry the written token vectors and length offsets, the
 last ``f`` random n-gram codes the patch projection ignores (:mod:`byteify.convert.warmstart`).
 A stage with ``keep_warm_start: true`` trains the local side only in those ``f`` coordinates, so
@@ -39,8 +39,21 @@ def free_dims(metadata: dict, stage_name: str) -> int:
     stats = metadata.get("vocab_warm_start")
     if not stats:
         raise ByteifyError(f"stage '{stage_name}': keep_warm_start needs a model converted with the vocabulary "
-                           "warm start (byteify convert --preset warm-16k), but this model's byteify.json has none")
+                           "warm start (byteify convert --preset warm-kept), but this model's byteify.json has none")
     return int(stats.get("free_dims", 0))
+
+
+def check_stages(stages, metadata: dict) -> None:
+    """Refuse, before anything runs, a ``keep_warm_start`` stage the model cannot serve: no warm
+    start, or no free coordinates while the stage lists the encoder or the hash tables to train
+    (every entry of theirs would be fixed)."""
+    for stage in stages:
+        if stage.keep_warm_start and free_dims(metadata, stage.name) == 0:
+            local = sorted({"local_encoder", "hash_embeddings"} & set(stage.train))
+            if local:
+                raise ByteifyError(f"stage '{stage.name}': keep_warm_start fixes every coordinate of a model converted "
+                                   f"with vocab_warm_start.free_dims 0, so {' and '.join(local)} cannot train; convert "
+                                   "with --preset warm-kept (free_dims 128) or remove them from the stage's train list")
 
 
 class WrittenContent:

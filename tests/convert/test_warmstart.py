@@ -428,6 +428,9 @@ def test_preset_and_errors(setup, tmp_path):
     assert spec.vocab_warm_start.enabled and 2 in spec.hash.ngram_sizes and spec.hash.vocab_size
     config, _ = build_blt_config(open_source(setup.src), spec)
     assert config.encoder_config.hidden_size == config.decoder_config.hidden_size == 64  # k = 1
+    # the shipped conversion: warm-16k (16,384 buckets) with 128 coordinates free, nothing else different
+    assert load_spec("warm-kept") == load_spec("warm-16k", ["vocab_warm_start.free_dims=128"]) != load_spec("warm-16k")
+    assert load_spec("warm-16k") == load_spec("warm", ["hash.vocab_size=16384"])
     r = runner.invoke(app, ["convert", str(setup.src), str(tmp_path / "w"), "--preset", "tiny", "--no-verify",
                             "--set", "decoder.hidden_size=64"])
     assert r.exit_code == 2 and "equally wide" in r.stderr

@@ -21,8 +21,8 @@ STAGE = ("[{name: s, train: [local_encoder, hash_embeddings, local_decoder, glob
 
 
 @pytest.fixture(scope="module")
-def warm_blt(tmp_path_factory):
-    return tiny_warm_blt(tmp_path_factory.mktemp("keep-warm"), FREE)
+def warm_blt(tiny_warm):
+    return tiny_warm  # FREE of its 32 encoder coordinates free
 
 
 @torch.no_grad()
@@ -91,3 +91,15 @@ def test_keep_warm_start_needs_a_warm_started_model(tiny_converted, tmp_path):
         train_tiny(tiny_converted, tmp_path / "run", STAGE % "true", 6)
     with pytest.raises(ByteifyError, match="keep_warm_start"):
         load_recipe("tiny-cpu", ["stages.0.train=[entropy_model]", "stages.0.keep_warm_start=true"])
+
+
+def test_keep_warm_start_needs_free_coordinates_to_train_the_encoder(tmp_path):
+    """A warm start with free_dims 0 leaves keep_warm_start nothing to train in the encoder and the
+    tables: a stage that lists them is refused by name before anything runs; without them it runs."""
+    blt = tiny_warm_blt(tmp_path / "m", free_dims=0)
+    with pytest.raises(ByteifyError, match="stage 's': keep_warm_start fixes every coordinate .* "
+                                           "hash_embeddings and local_encoder cannot train; convert with --preset warm-kept"):
+        train_tiny(blt, tmp_path / "run", STAGE % "true", 6)
+    assert not (tmp_path / "run").exists()
+    summary, _ = train_tiny(blt, tmp_path / "run2", STAGE.replace("local_encoder, hash_embeddings, ", "") % "true", 6)
+    assert summary["steps"] == 6

@@ -224,16 +224,41 @@ def test_sigterm_saves_checkpoint_and_exits_130(tiny_converted, tmp_path):
     assert 1 <= state["global_step"] < 100000
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "smollm2-135m", "entropy-model", "llama-3.2-1b", "llama-3.1-8b"])
-def test_every_shipped_recipe_passes_dry_run(tiny_converted, name, tmp_path):
+KEEP_BOTH = ["stages.0.keep_warm_start=true", "stages.1.keep_warm_start=true"]  # the GPU headers' warm-kept option
+
+
+@pytest.mark.parametrize("name,warm,overrides", [
+    ("tiny-cpu", False, []), ("smollm2-135m", True, []), ("entropy-model", False, []),
+    ("llama-3.2-1b", False, []), ("llama-3.1-8b", False, []),
+    ("llama-3.2-1b", True, KEEP_BOTH), ("llama-3.1-8b", True, KEEP_BOTH)])
+def test_every_shipped_recipe_passes_dry_run(tiny_converted, tiny_warm, name, warm, overrides, tmp_path):
+    """Each shipped recipe on the conversion its header names (``warm``: the vocabulary warm start
+    with free coordinates, which keep_warm_start needs)."""
     from typer.testing import CliRunner
 
     import byteify.cli as cli
 
-    res = CliRunner().invoke(cli.app, ["train", name, f"model={tiny_converted}", f"output_dir={tmp_path / 'r'}", "--dry-run"])
+    model = tiny_warm if warm else tiny_converted
+    res = CliRunner().invoke(cli.app, ["train", name, f"model={model}", f"output_dir={tmp_path / 'r'}", *overrides, "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "trainable" in res.output and "per-GPU estimate" in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_recipe_that_keeps_the_warm_start_refuses_a_model_without_one(tiny_converted, tmp_path):
+    """The shipped smollm2-135m recipe (keep_warm_start) on a conversion without the warm start:
+    the dry run and the run itself stop with exit code 2 and name the stage and the fix, writing nothing."""
+    from typer.testing import CliRunner
+
+    import byteify.cli as cli
+
+    for extra in (["--dry-run"], []):
+        res = CliRunner().invoke(cli.app, ["train", "smollm2-135m", f"model={tiny_converted}",
+                                           f"output_dir={tmp_path / 'r'}", *extra])
+        assert res.exit_code == 2, res.output
+        assert "stage 'end-to-end': keep_warm_start needs a model converted with the vocabulary warm start " \
+               "(byteify convert --preset warm-kept)" in res.output
+        assert not (tmp_path / "r").exists()
 
 
 def test_activation_checkpointing_recomputes_and_gives_the_same_losses(tiny_converted, tmp_path, monkeypatch):
