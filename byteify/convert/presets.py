@@ -138,9 +138,9 @@ PRESETS: dict[str, dict] = {
 }
 # The warm start with 16,384 buckets per n-gram size (SmolLM2: 66M table parameters): a looser
 # step-0 bound (1.52x, still within the 1.6x gate) but small enough for every part, the tables
-# too, to train; with the smollm2-135m recipe the best row measured (2.576 bits/byte after
-# ~460 KB vs 2.706 without a warm start; after ~1.5 MB 1.977 vs a random global's 1.998:
-# benchmarks/byteify_quality.py row 2q).
+# too, to train; with every part training (the smollm2-135m recipe without keep_warm_start)
+# 2.576 bits/byte after ~460 KB vs 2.706 without a warm start; after ~1.5 MB 1.977 vs a random
+# global's 1.998 (benchmarks/byteify_quality.py row 2q; warm-kept below does better).
 PRESETS["warm-16k"] = {**PRESETS["warm"], "hash": {**PRESETS["warm"]["hash"], "vocab_size": 16384}}
 # warm-16k with 128 encoder coordinates left free of the written content (free_dims), for recipes
 # whose stages keep the written content (``keep_warm_start: true``, byteify.train.written: the
