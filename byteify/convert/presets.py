@@ -149,7 +149,7 @@ PRESETS["warm-16k"] = {**PRESETS["warm"], "hash": {**PRESETS["warm"]["hash"], "v
 # bits/byte after ~460 KB, 1.833 after ~1.5 MB, vs 2.576 / 1.977 for warm-16k trained whole and
 # 2.623 / 1.998 for a random global: benchmarks/byteify_quality.py row 2qw); its step-0 bound
 # 1.628 (1.52x the exact embeddings).  With ``--set hash.vocab_size=65536`` the bound is 1.440 and
-# ~460 KB give 2.419 at 39% more time per step (row 2qw64).
+# ~460 KB give 2.419 at 39% more time per step (row 2qw64; with teacher_kl too 2.360, row 2qw64k).
 PRESETS["warm-kept"] = {**PRESETS["warm-16k"], "vocab_warm_start": {"enabled": True, "free_dims": 128}}
 
 
