@@ -409,7 +409,7 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2qw": ("convert-warm-16k-free128", *WARM_16K[1:], "vocab_warm_start.free_dims=128"),
                 "2qw64": ("convert-warm-64k-free128", WARM_16K[1], "hash.vocab_size=65536", "vocab_warm_start.free_dims=128"),
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
-    needed = set(rows) | ({"2q"} if "4q" in rows else set()) | ({"2qw"} if "4qw" in rows else set()) | {KEPT_KL[r] for r in rows if r in KEPT_KL}  # 4q(w): 2q(w)'s start
+    needed = set(rows) | ({"2q"} if "4q" in rows else set()) | ({"2qw"} if "4qw" in rows else set()) | {KEPT_KL[r] for r in rows if r in KEPT_KL}  # 4q(w), KEPT_KL rows: another row's start
     for key, (name, *options) in variants.items():
         if key in needed:
             sets = [x for o in options for x in ("--set", o)]
