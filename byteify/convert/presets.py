@@ -145,12 +145,17 @@ PRESETS["warm-16k"] = {**PRESETS["warm"], "hash": {**PRESETS["warm"]["hash"], "v
 # warm-16k with 128 encoder coordinates left free of the written content (free_dims), for recipes
 # whose stages keep the written content (``keep_warm_start: true``, byteify.train.written: the
 # global reads the converted patch vectors throughout, the local side trains in the free
-# coordinates).  The shipped recipes' conversion: with the smollm2-135m recipe (SmolLM2: 2.468
-# bits/byte after ~460 KB, 1.833 after ~1.5 MB, vs 2.576 / 1.977 for warm-16k trained whole and
-# 2.623 / 1.998 for a random global: benchmarks/byteify_quality.py row 2qw); its step-0 bound
-# 1.628 (1.52x the exact embeddings).  With ``--set hash.vocab_size=65536`` the bound is 1.440 and
-# ~460 KB give 2.419 at 39% more time per step (row 2qw64; with teacher_kl too 2.360, row 2qw64k).
+# coordinates).  With the smollm2-135m recipe without teacher_kl (SmolLM2: 2.468 bits/byte after
+# ~460 KB, 1.833 after ~1.5 MB, vs 2.576 / 1.977 for warm-16k trained whole and 2.623 / 1.998 for a
+# random global: benchmarks/byteify_quality.py row 2qw); its step-0 bound 1.628 (1.52x the exact
+# embeddings).
 PRESETS["warm-kept"] = {**PRESETS["warm-16k"], "vocab_warm_start": {"enabled": True, "free_dims": 128}}
+# warm-kept with 65,536 buckets per n-gram size (SmolLM2: 264M table parameters instead of 66M):
+# fewer collisions, step-0 bound 1.440 (1.35x).  The shipped conversion: with the smollm2-135m
+# recipe (keep_warm_start + teacher_kl) 2.360 bits/byte after ~460 KB and 1.740 after ~1.5 MB, the
+# best rows measured (0.900x / 0.871x a random global; row 2qw64k), at ~40% more CPU time per step
+# than warm-kept (the 4x larger tables' gradients and AdamW update).
+PRESETS["warm-kept-64k"] = {**PRESETS["warm-kept"], "hash": {**PRESETS["warm-kept"]["hash"], "vocab_size": 65536}}
 
 
 def load_spec(preset: str | None = "auto", overrides: list[str] | None = None) -> ArchitectureSpec:

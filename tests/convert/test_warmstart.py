@@ -428,8 +428,12 @@ def test_preset_and_errors(setup, tmp_path):
     assert spec.vocab_warm_start.enabled and 2 in spec.hash.ngram_sizes and spec.hash.vocab_size
     config, _ = build_blt_config(open_source(setup.src), spec)
     assert config.encoder_config.hidden_size == config.decoder_config.hidden_size == 64  # k = 1
-    # the shipped conversion: warm-16k (16,384 buckets) with 128 coordinates free, nothing else different
+    # warm-16k (16,384 buckets) with 128 coordinates free, nothing else different; the shipped
+    # conversion is that at 65,536 buckets (the decisive table's row 2qw64 conversion)
     assert load_spec("warm-kept") == load_spec("warm-16k", ["vocab_warm_start.free_dims=128"]) != load_spec("warm-16k")
+    assert load_spec("warm-kept-64k") == load_spec("warm-kept", ["hash.vocab_size=65536"]) != load_spec("warm-kept")
+    assert load_spec("warm-kept-64k") == load_spec("warm", ["vocab_warm_start.unit_exponent=-11", "hash.vocab_size=65536",
+                                                      "vocab_warm_start.free_dims=128"])  # the benchmark's
     assert load_spec("warm-16k") == load_spec("warm", ["hash.vocab_size=16384"])
     r = runner.invoke(app, ["convert", str(setup.src), str(tmp_path / "w"), "--preset", "tiny", "--no-verify",
                             "--set", "decoder.hidden_size=64"])
