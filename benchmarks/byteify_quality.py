@@ -54,7 +54,8 @@ same seed, same training bytes, the same held-out text and the same causal patch
    the pooling and the projection stay as converted, so the transplanted global reads the step-0
    patch vectors at every step, while the local side trains in the 128 free coordinates (every
    other row lets training overwrite the written content within a few dozen steps).  The
-   conversion is ``--preset warm-kept``'s and the recipe the shipped ``smollm2-135m``'s.
+   conversion is ``--preset warm-kept``'s and the recipe the ``smollm2-135m``'s without ``teacher_kl``
+   (shipped in sessions 14-16).
 4qw. (``--rows ...,4qw``) row 4 for row 2qw: row 2qw's conversion with the global re-initialised,
    row 2qw's recipe (the same kept encoder in front of a random global: the transplant's share).
 2qwk. (``--rows ...,2qwk``) row 2qw + row 2qk's ``teacher_kl`` (weight 1, bf16 teacher): the
@@ -64,7 +65,8 @@ same seed, same training bytes, the same held-out text and the same causal patch
    instead of 66M): under ``keep_warm_start`` the global reads the step-0 patch vectors
    throughout, so their teacher-forced bound (row 2qw: 1.628, above the criterion's 0.75x of a
    random global) is what the global can be given; more buckets, fewer collisions, a tighter bound.
-2qw64k. (``--rows ...,2qw64k``) row 2qw64 + row 2qwk's ``teacher_kl``: do the two gains stack?
+2qw64k. (``--rows ...,2qw64k``) row 2qw64 + row 2qwk's ``teacher_kl``: do the two gains stack?  The
+   conversion is ``--preset warm-kept-64k``'s and the recipe the shipped ``smollm2-135m``'s.
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -140,17 +142,17 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qx": "row 2q + bytes withheld from the decoder in training (decoder_byte_dropout 0.3)",
          "5k": "row 5 + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
          "4q": "warm start at 16,384 buckets (row 2q's conversion) + random global, row 2q's recipe",
-         "2qw": "warm start at 16,384 buckets, free_dims 128 (--preset warm-kept), the written content kept (keep_warm_start), row 2q's recipe: the shipped smollm2-135m recipe",
+         "2qw": "warm start at 16,384 buckets, free_dims 128 (--preset warm-kept), the written content kept (keep_warm_start), row 2q's recipe: the smollm2-135m recipe without teacher_kl",
          "2qwk": "row 2qw + the source's next-byte distributions as a second target (teacher_kl, weight 1)",
-         "2qw64": "row 2qw with 65,536 buckets per n-gram size (the written content kept)",
-         "2qw64k": "row 2qw64 + teacher_kl (weight 1)",
+         "2qw64": "row 2qw with 65,536 buckets per n-gram size (--preset warm-kept-64k; the written content kept)",
+         "2qw64k": "row 2qw64 + teacher_kl (weight 1): the shipped smollm2-135m recipe",
          "4qw": "row 2qw's conversion (written content kept) + random global, row 2qw's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
          "2q": "warm start, 16,384 buckets, unit_exponent -11 (--preset warm-16k; row 2q)",
          "2qw": "warm start, 16,384 buckets, unit_exponent -11, free_dims 128 (row 2qw)",
-         "2qw64": "warm start, 65,536 buckets, unit_exponent -11, free_dims 128 (row 2qw64)"}
+         "2qw64": "warm start, 65,536 buckets, unit_exponent -11, free_dims 128 (--preset warm-kept-64k; rows 2qw64, 2qw64k)"}
 
 
 def sh(*args):

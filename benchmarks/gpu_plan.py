@@ -43,19 +43,23 @@ def header_sets(name: str, preset: str = "auto") -> list[str]:
 
 
 def config_only_conversion(name: str, root: Path, preset: str = "auto") -> Path:
-    """A directory with the config ``byteify convert --preset PRESET`` writes for the recipe's
-    source and no weights (the dry run builds the model on the meta device)."""
+    """A directory with the configs ``byteify convert --preset PRESET`` writes for the recipe's
+    source (the BLT's, and the source's in ``byteify_source/``) and no weights (the dry run builds
+    the model, and a distilling stage's teacher, on the meta device)."""
     from transformers import LlamaConfig
 
     from byteify.convert.presets import load_spec
     from byteify.convert.sources import SourceCheckpoint
     from byteify.convert.transplant import build_blt_config
+    from byteify.resolve import SIDE_DIR
 
-    source = SourceCheckpoint(path=root, format="hf", architecture="LlamaForCausalLM", files=[],
-                              config=LlamaConfig(vocab_size=128256, max_position_embeddings=131072, **SOURCE_SHAPES[name]))
+    source_config = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, **SOURCE_SHAPES[name],
+                                tie_word_embeddings=name == "llama-3.2-1b")
+    source = SourceCheckpoint(path=root, format="hf", architecture="LlamaForCausalLM", files=[], config=source_config)
     config, _ = build_blt_config(source, load_spec(preset, header_sets(name, preset)))
     out = root / f"{name}-{preset}"
     config.save_pretrained(str(out))
+    source_config.save_pretrained(str(out / SIDE_DIR))  # the teacher's shape, for stages that distil
     (out / "model.safetensors").write_bytes(b"")
     (out / "byteify.json").write_text(json.dumps({"source_bytes_per_token": BYTES_PER_TOKEN}))
     return out

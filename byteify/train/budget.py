@@ -18,10 +18,14 @@ The model (bf16 compute, fp32 master weights, gradients and AdamW moments):
   while it is recomputed; logits in fp32;
 * transformers' BLT builds dense masks: the local causal/sliding mask ``[b, 1, T, T]`` and the
   two cross-attention masks ``[b, 1, P k, T]``, bf16, kept for the backward pass;
+* a stage that distils (``teacher_kl``, ``distill``) runs the source model beside it, forward
+  only: its weights in the teacher's dtype, sharded like the student's, its two largest layers
+  gathered, and its token logits (teacher dtype, then fp32) for one token per patch;
 * FLOPs per byte: ``6 x`` the parameters a byte touches (the global transformer once per patch)
   plus the attention the dense masks make the kernels compute (all ``T^2`` pairs in the local
-  stacks), ``x 4/3`` with checkpointing (one more forward); bytes per second at an assumed MFU
-  of a 989 TFLOP/s (H100/H200 dense bf16) GPU.
+  stacks), ``x 4/3`` with checkpointing (one more forward), plus the teacher's forward (``2 x``
+  its parameters per token); bytes per second at an assumed MFU of a 989 TFLOP/s (H100/H200
+  dense bf16) GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ from dataclasses import dataclass
 GIB = 2**30
 PEAK_FLOPS = 989e12  # H100 / H200 SXM, dense bf16
 ASSUMED_MFU = 0.25  # useful work with dense local masks (reference/scale-path-findings.md: ~22%)
+
+
+@dataclass
+class TeacherShape:
+    """The source model a distilling stage runs beside the student (forward only, no gradients)."""
+
+    params: int
+    unit: int  # the largest decoder layer's parameters
+    vocab: int
+    dtype_bytes: int  # 2 for a bf16 teacher, 4 for fp32
 
 
 @dataclass
@@ -47,10 +61,11 @@ class StageBudget:
     activations: dict  # {"checkpointing": bytes, "no checkpointing": bytes}
     masks: int  # bytes
     flops_per_byte: dict  # {"checkpointing": ..., "no checkpointing": ...}
+    teacher: int = 0  # bytes: the distilling teacher's sharded weights, gathered layers and logits
 
     def total(self, checkpointing: bool) -> int:
         act = self.activations["checkpointing" if checkpointing else "no checkpointing"]
-        return self.state + self.unsharded_grads + self.gathered + act + self.masks
+        return self.state + self.unsharded_grads + self.gathered + act + self.masks + self.teacher
 
     def bytes_per_second(self, checkpointing: bool) -> float:
         return ASSUMED_MFU * PEAK_FLOPS / self.flops_per_byte["checkpointing" if checkpointing else "no checkpointing"]
@@ -68,8 +83,10 @@ def _stack(layers: int, h: int, f: int, tokens: int, cross: int = 0) -> tuple[in
     return layers * per_layer, layers * 2 * h * tokens, per_layer if layers else 0
 
 
-def stage_budget(config, counts: dict, stage, seq_len: int, world: int, patch_bytes: float) -> StageBudget:
-    """The estimate of a stage (``counts``: trainable/frozen parameters per part)."""
+def stage_budget(config, counts: dict, stage, seq_len: int, world: int, patch_bytes: float,
+                 teacher: TeacherShape | None = None) -> StageBudget:
+    """The estimate of a stage (``counts``: trainable/frozen parameters per part; ``teacher``: the
+    source model, for a stage that distils)."""
     params = sum(c["trainable"] + c["frozen"] for c in counts.values())
     trainable = sum(c["trainable"] for c in counts.values())
     micro = stage.batch_bytes // seq_len // stage.grad_accum // world
@@ -96,10 +113,16 @@ def stage_budget(config, counts: dict, stage, seq_len: int, world: int, patch_by
     forward = 2 * local_params + 2 * global_params / patch_bytes + attn
     if stage.train != ["entropy_model"]:
         forward += 2 * (counts["entropy_model"]["trainable"] + counts["entropy_model"]["frozen"])  # patch lengths
+    teacher_mem = teacher_flops = 0
+    if teacher is not None:
+        teacher_mem = (teacher.dtype_bytes * (teacher.params // world + 2 * teacher.unit)
+                       + tokens_global * teacher.vocab * (teacher.dtype_bytes + 4))
+        teacher_flops = 2 * teacher.params / patch_bytes
     return StageBudget(world=world, micro_per_process=micro, seq_len=T, patch_bytes=patch_bytes, params=params,
                        trainable=trainable, state=state, unsharded_grads=unsharded, gathered=2 * 2 * unit,
                        activations={"checkpointing": ckpt, "no checkpointing": no_ckpt}, masks=masks,
-                       flops_per_byte={"checkpointing": 4 * forward, "no checkpointing": 3 * forward})
+                       flops_per_byte={"checkpointing": 4 * forward + teacher_flops,
+                                       "no checkpointing": 3 * forward + teacher_flops}, teacher=teacher_mem)
 
 
 def budget_lines(b: StageBudget, checkpointing: bool, gpu_gib: float = 80.0) -> list[str]:
@@ -112,6 +135,8 @@ def budget_lines(b: StageBudget, checkpointing: bool, gpu_gib: float = 80.0) -> 
                 if b.unsharded_grads else ""),
              f"    activations: {gib(b.activations['checkpointing'])} with checkpointing, "
              f"{gib(b.activations['no checkpointing'])} without; dense attention masks: {gib(b.masks)}"]
+    if b.teacher:
+        lines.append(f"    teacher (the source model, forward only: sharded weights, gathered layers, logits): {gib(b.teacher)}")
     for ac in (True, False):
         mark = "  <- this recipe" if ac == checkpointing else ""
         lines.append(f"    total {'with' if ac else 'without'} activation checkpointing: {gib(b.total(ac))}; "

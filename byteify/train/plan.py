@@ -16,6 +16,27 @@ from .recipe import Recipe, parts_for
 from .written import check_stages
 
 
+def teacher_shape(loc, stage):
+    """The source model a distilling stage runs (:class:`~.budget.TeacherShape`), built on the meta
+    device from the converted directory's source config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .budget import TeacherShape
+
+    side = loc.side_dir("the source config the teacher is built from")
+    if not (side / "config.json").is_file():
+        raise ByteifyError(f"{side / 'config.json'}: not found; stage '{stage.name}' distils from the source model, "
+                           "which is rebuilt from it (re-convert the source with 'byteify convert')")
+    cfg = AutoConfig.from_pretrained(str(side))
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    spec = stage.teacher_kl
+    low = spec is not None and spec.teacher_dtype == "bf16"  # teacher_kl's default; the distillation stage runs fp32
+    return TeacherShape(params=count(teacher), unit=max(count(layer) for layer in teacher.model.layers),
+                        vocab=cfg.vocab_size, dtype_bytes=2 if low else 4)
+
+
 def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str:
     """The dry run: stage by stage, parameters and learning rates per part, and the per-GPU
     budget (:mod:`byteify.train.budget`) for ``world`` processes (default: ``WORLD_SIZE``)."""
@@ -50,7 +71,8 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str
             lr = f"{stage.lr * mults[part]:.2e}" if part in mults else "-"
             lines.append(f"  {part:<16}{c['trainable']:>14,}{c['frozen']:>14,}{lr:>11}")
         size = p.patch_size if p is not None and p.mode == "static" else patch_bytes
-        budget = stage_budget(config, counts, stage, recipe.data.seq_len, world, size)
+        teacher = teacher_shape(loc, stage) if stage.teacher_kl is not None or stage.distill is not None else None
+        budget = stage_budget(config, counts, stage, recipe.data.seq_len, world, size, teacher)
         lines += budget_lines(budget, recipe.run.activation_checkpointing, gpu_gib)
     if recipe.calibration is not None:
         c = recipe.calibration

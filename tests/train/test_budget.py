@@ -18,7 +18,7 @@ def totals(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"total with activation checkpointing: ([\d.]+) GiB", text)]
 
 
-@pytest.mark.parametrize("preset", ["auto", "warm-16k"])
+@pytest.mark.parametrize("preset", ["auto", "warm-16k", "warm-kept-64k"])
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
 def test_gpu_recipes_fit_an_80gb_gpu_on_8_gpus(name, preset, tmp_path):
     recipe, _ = load_recipe(name, [f"model={config_only_conversion(name, tmp_path, preset)}"])
@@ -40,3 +40,30 @@ def test_budget_scales_with_world_size_checkpointing_and_micro_batch(tmp_path):
     big, _ = load_recipe("llama-3.2-1b", [f"model={model}", "run.activation_checkpointing=false",
                                           "stages.1.batch_bytes=8388608"])
     assert "WARNING" in plan(big, world=8) and "will not fit an 80 GB GPU" in plan(big, world=8)
+
+
+def test_a_distilling_stage_counts_its_teacher(tmp_path):
+    """teacher_kl runs the source model beside the student: its sharded weights (bf16 by default,
+    fp32 on request), two gathered layers and its token logits join the per-GPU total and its
+    forward the FLOPs; Llama 3.1 8B with the smollm2-135m recipe's teacher_kl does not fit at the
+    recipe's micro-batch (the dry run says so) and does at half of it."""
+    model = config_only_conversion("llama-3.1-8b", tmp_path, "warm-kept-64k")
+    teacher_line = re.compile(r"teacher \(the source model, forward only[^)]*\): ([\d.]+) GiB")
+
+    def dry(*extra):
+        recipe, _ = load_recipe("llama-3.1-8b", [f"model={model}", *extra])
+        return plan(recipe, world=8)
+
+    plain, bf16, fp32 = dry(), dry("stages.1.teacher_kl={weight: 1.0}"), \
+        dry("stages.1.teacher_kl={weight: 1.0, teacher_dtype: fp32}")
+    assert not teacher_line.search(plain) and "WARNING" not in plain
+    (t16,), (t32,) = teacher_line.findall(bf16), teacher_line.findall(fp32)
+    # 8.03B parameters / 8 processes in bf16 = 1.9 GiB, 2 gathered layers of 218M = 0.8 GiB, and logits
+    # for 16 x 8192 bytes / 4.4 = 29,789 tokens of a 128,256-token vocabulary in bf16 and fp32 (6 B): 21.3
+    # GiB; in fp32 the weights and layers double and the logits take 8 B: +2.7 + 7.1 GiB
+    assert 23.5 < float(t16) < 24.5 and 9.3 < float(t32) - float(t16) < 10.3, (t16, t32)
+    assert abs(totals(bf16)[1] - totals(plain)[1] - float(t16)) < 0.2 and totals(bf16)[0] == totals(plain)[0]
+    assert "WARNING" in bf16 and "will not fit an 80 GB GPU" in bf16
+    rate = lambda t: [int(x) for x in re.findall(r"~(\d+) kB/s per GPU at 25% MFU  <- this recipe", t)]  # noqa: E731
+    assert rate(bf16)[1] < rate(plain)[1]  # the teacher's forward
+    assert "WARNING" not in dry("stages.1.teacher_kl={weight: 1.0}", "stages.1.batch_bytes=524288")
