@@ -19,8 +19,9 @@ The model (bf16 compute, fp32 master weights, gradients and AdamW moments):
 * transformers' BLT builds dense masks: the local causal/sliding mask ``[b, 1, T, T]`` and the
   two cross-attention masks ``[b, 1, P k, T]``, bf16, kept for the backward pass;
 * a stage that distils (``teacher_kl``, ``distill``) runs the source model beside it, forward
-  only: its weights in the teacher's dtype, sharded like the student's, its two largest layers
-  gathered, and its token logits (teacher dtype, then fp32) for one token per patch;
+  only: its weights in the teacher's dtype, sharded like the student's (one unit per layer), its
+  root unit (embeddings, head, norm: FSDP2 keeps the root gathered after the forward) and two
+  layers gathered, and its token logits (teacher dtype, then fp32) for one token per patch;
 * FLOPs per byte: ``6 x`` the parameters a byte touches (the global transformer once per patch)
   plus the attention the dense masks make the kernels compute (all ``T^2`` pairs in the local
   stacks), ``x 4/3`` with checkpointing (one more forward), plus the teacher's forward (``2 x``
@@ -42,7 +43,8 @@ class TeacherShape:
     """The source model a distilling stage runs beside the student (forward only, no gradients)."""
 
     params: int
-    unit: int  # the largest decoder layer's parameters
+    layer: int  # the largest decoder layer's parameters
+    root: int  # the parameters outside the layers (embeddings, head, final norm)
     vocab: int
     dtype_bytes: int  # 2 for a bf16 teacher, 4 for fp32
 
@@ -115,7 +117,7 @@ def stage_budget(config, counts: dict, stage, seq_len: int, world: int, patch_by
         forward += 2 * (counts["entropy_model"]["trainable"] + counts["entropy_model"]["frozen"])  # patch lengths
     teacher_mem = teacher_flops = 0
     if teacher is not None:
-        teacher_mem = (teacher.dtype_bytes * (teacher.params // world + 2 * teacher.unit)
+        teacher_mem = (teacher.dtype_bytes * (teacher.params // world + teacher.root + 2 * teacher.layer)
                        + tokens_global * teacher.vocab * (teacher.dtype_bytes + 4))
         teacher_flops = 2 * teacher.params / patch_bytes
     return StageBudget(world=world, micro_per_process=micro, seq_len=T, patch_bytes=patch_bytes, params=params,

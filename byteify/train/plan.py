@@ -33,7 +33,8 @@ def teacher_shape(loc, stage):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     spec = stage.teacher_kl
     low = spec is not None and spec.teacher_dtype == "bf16"  # teacher_kl's default; the distillation stage runs fp32
-    return TeacherShape(params=count(teacher), unit=max(count(layer) for layer in teacher.model.layers),
+    layers = [count(layer) for layer in teacher.model.layers]
+    return TeacherShape(params=count(teacher), layer=max(layers), root=count(teacher) - sum(layers),
                         vocab=cfg.vocab_size, dtype_bytes=2 if low else 4)
 
 
