@@ -17,25 +17,17 @@ from .written import check_stages
 
 
 def teacher_shape(loc, stage):
-    """The source model a distilling stage runs (:class:`~.budget.TeacherShape`), built on the meta
-    device from the converted directory's source config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    """The source model a distilling stage runs (:class:`~.budget.TeacherShape`), from its
+    architecture on the meta device; bf16 for ``teacher_kl``'s default, fp32 for the distillation stage."""
     from .budget import TeacherShape
+    from .teacher import teacher_on_meta
 
-    side = loc.side_dir("the source config the teacher is built from")
-    if not (side / "config.json").is_file():
-        raise ByteifyError(f"{side / 'config.json'}: not found; stage '{stage.name}' distils from the source model, "
-                           "which is rebuilt from it (re-convert the source with 'byteify convert')")
-    cfg = AutoConfig.from_pretrained(str(side))
-    with torch.device("meta"):
-        teacher = AutoModelForCausalLM.from_config(cfg)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    spec = stage.teacher_kl
-    low = spec is not None and spec.teacher_dtype == "bf16"  # teacher_kl's default; the distillation stage runs fp32
-    layers = [count(layer) for layer in teacher.model.layers]
-    return TeacherShape(params=count(teacher), layer=max(layers), root=count(teacher) - sum(layers),
-                        vocab=cfg.vocab_size, dtype_bytes=2 if low else 4)
+    teacher = teacher_on_meta(loc)
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in teacher.model.layers]
+    total = teacher.num_parameters()  # tied embeddings counted once
+    low = stage.teacher_kl is not None and stage.teacher_kl.teacher_dtype == "bf16"
+    return TeacherShape(params=total, layer=max(layers), root=total - sum(layers),
+                        vocab=teacher.config.vocab_size, dtype_bytes=2 if low else 4)
 
 
 def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str:

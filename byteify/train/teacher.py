@@ -16,17 +16,28 @@ from ..modelfiles import SafetensorsDir
 from ..resolve import Location, locate
 
 
+def teacher_on_meta(loc: Location):
+    """The source model's architecture, built on the meta device from ``byteify_source/config.json``
+    (no weights): what :func:`load_teacher` fills and what the dry run counts."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    side = loc.side_dir("the source's config, embeddings, head and norm the teacher needs")
+    if not (side / "config.json").is_file():
+        raise ByteifyError(f"{side / 'config.json'}: not found; the teacher (the source model) is rebuilt from it "
+                           "(re-convert the source with 'byteify convert')")
+    config = AutoConfig.from_pretrained(str(side))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 @torch.no_grad()
 def load_teacher(where: str | Path | Location, dtype=torch.float32):
     """The source ``LlamaForCausalLM`` (eval mode, no gradients) of a converted directory, or of
     the converted directory a checkpoint or run was trained from."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     loc = where if isinstance(where, Location) else locate(where)
-    side = loc.side_dir("the source's embeddings, head and norm the teacher needs")
-    config = AutoConfig.from_pretrained(str(side))
-    with torch.device("meta"):
-        teacher = AutoModelForCausalLM.from_config(config)
+    teacher = teacher_on_meta(loc)
+    config = teacher.config
+    side = loc.side_dir()
     teacher = teacher.to_empty(device="cpu")
     blt = SafetensorsDir(side.parent)
     tmap = load_tensor_map()

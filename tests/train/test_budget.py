@@ -10,6 +10,7 @@ import re
 import pytest
 
 from benchmarks.gpu_plan import config_only_conversion
+from byteify.errors import ByteifyError
 from byteify.train.recipe import load_recipe
 from byteify.train.plan import plan
 
@@ -68,3 +69,7 @@ def test_a_distilling_stage_counts_its_teacher(tmp_path):
     rate = lambda t: [int(x) for x in re.findall(r"~(\d+) kB/s per GPU at 25% MFU  <- this recipe", t)]  # noqa: E731
     assert rate(bf16)[1] < rate(plain)[1]  # the teacher's forward
     assert "WARNING" not in dry("stages.1.teacher_kl={weight: 1.0}", "stages.1.batch_bytes=524288")
+    (model / "byteify_source" / "config.json").unlink()  # the teacher cannot be rebuilt: refused by name
+    with pytest.raises(ByteifyError, match=r"byteify_source/config.json: not found; the teacher"):
+        dry("stages.1.teacher_kl={weight: 1.0}")
+    assert "WARNING" not in dry()  # a stage that does not distil does not need it
