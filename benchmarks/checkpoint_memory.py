@@ -4,7 +4,7 @@ Usage: .venv/bin/python benchmarks/checkpoint_memory.py [--nproc 2] [--no-optimi
 
 Launches itself under ``torchrun --nproc-per-node N`` (gloo, CPU).  Every process builds the
 Llama-3.2-1B-shaped BLT of the ``llama-3.2-1b`` recipe (global: 16 layers x 2048, GQA 32/8, ffn
-8192; local sizes and hash tables from the recipe's convert command) on the meta device, shards
+8192; local sizes and hash tables from the header's `--preset auto` alternative) on the meta device, shards
 it with FSDP2, allocates its shard with random values and AdamW moments, then saves with
 byteify's checkpoint code (``torch.distributed.checkpoint``, each process its own shards) while a
 thread samples the process's resident memory every 5 ms.  For contrast, the model's full state
@@ -66,14 +66,15 @@ def child(args) -> None:
     from byteify.train.optim import build_optimizer
     from byteify.train.recipe import load_recipe
 
-    recipe_text = (ROOT / "recipes" / "llama-3.2-1b.yaml").read_text()
-    sets = re.findall(r"--set (\S+)", recipe_text)
+    from benchmarks.gpu_plan import WITHOUT_WARM_START, header_sets
+
+    sets = header_sets("llama-3.2-1b")  # the header's --preset auto alternative (the measured 1.35B)
     source = SourceCheckpoint(path=ROOT, format="hf", architecture="LlamaForCausalLM", files=[], config=LlamaConfig(
         hidden_size=2048, num_hidden_layers=args.global_layers, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
         vocab_size=128256, max_position_embeddings=131072))
     config, _ = build_blt_config(source, load_spec("auto", sets))
     recipe, _ = load_recipe("llama-3.2-1b", ["model=.", "run.device=cpu", "run.activation_checkpointing=false",
-                                            "run.fsdp.param_dtype=fp32"])
+                                            "run.fsdp.param_dtype=fp32", *WITHOUT_WARM_START])
     stage = recipe.stages[1]  # end to end: everything but the entropy model trains
     dist = setup_distributed("cpu")
     module = build_module(config, stage, dist, recipe.run)

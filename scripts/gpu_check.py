@@ -14,10 +14,12 @@ Sections (each row guarded: a failure becomes a FAIL row and the rest goes on):
   (``run.fsdp.shard=always``: NCCL, world size 1), whose losses must equal the plain run's within
   0.05 nats per step (bf16; fp32 on CPU: 1e-4).  All through byteify's CLI, in one child process.
 * **throughput**: a Llama-3.2-1B-shaped BLT with random weights (global: 16 layers, hidden 2048,
-  32/8 heads, FFN 8192; local sizes from ``recipes/llama-3.2-1b.yaml``'s convert command: the
-  ``auto`` preset with ``decoder.num_hidden_layers=6 cross_attn_k=2``), seq_len 8192, the recipe's
+  32/8 heads, FFN 8192; local sizes from ``recipes/llama-3.2-1b.yaml``'s convert command:
+  ``--preset warm-kept-64k --set decoder.num_hidden_layers=6``), seq_len 8192, the recipe's
   end-to-end stage (fp32 master weights, bf16 autocast, AdamW over everything but the entropy
-  model), entropy patching at 4.5 bytes/patch (threshold set from the random entropy model's
+  model; the BLT's step alone: the stage's teacher_kl has its own row, which times the source
+  model's next-byte targets for one micro-batch, its head in chunks and the byte-trie marginals on
+  the GPU, and checks them against a float64 reference), entropy patching at 4.5 bytes/patch (threshold set from the random entropy model's
   entropies): bytes/s, peak memory and MFU with activation checkpointing and compile on/off, and
   with byteify's memory-efficient attention (``byteify/attention.py``) on/off.  MFU = bytes/s x
   model FLOPs per byte / peak; model FLOPs are counted analytically (see :func:`analytic_flops`);
@@ -558,15 +560,15 @@ def llama_source(cpu: bool):
 
 
 def bench_config(cpu: bool):
-    """The BltConfig ``byteify convert`` writes for the llama-3.2-1b recipe (``--set
-    decoder.num_hidden_layers=6 --set cross_attn_k=2``, preset auto); tiny in --cpu."""
+    """The BltConfig ``byteify convert`` writes for the llama-3.2-1b recipe (its header's
+    ``--preset warm-kept-64k --set decoder.num_hidden_layers=6``); tiny in --cpu."""
     from byteify.convert.presets import load_spec
     from byteify.convert.transplant import build_blt_config
 
     if cpu:
         spec = load_spec("tiny", ["local_attention_window=64", "entropy.sliding_window=64"])
     else:
-        spec = load_spec("auto", ["decoder.num_hidden_layers=6", "cross_attn_k=2"])
+        spec = load_spec("warm-kept-64k", ["decoder.num_hidden_layers=6"])
     config, _ = build_blt_config(llama_source(cpu), spec)
     return config
 
@@ -632,7 +634,10 @@ class Bench:
         self.dist = Dist(device=self.device)
         over = ["model=unused", "output_dir=unused"] + (["data.seq_len=256"] if self.cpu else [])
         recipe, _ = load_recipe("llama-3.2-1b", over)
-        self.stage, self.run = recipe.stages[-1], recipe.run  # end to end, as the recipe's long stage
+        # end to end, as the recipe's long stage; the BLT's step alone (the teacher has its own row,
+        # and the written entries keep_warm_start fixes cost nothing to measure)
+        self.stage = recipe.stages[-1].model_copy(update={"teacher_kl": None, "keep_warm_start": False})
+        self.run = recipe.run
         self.seq = recipe.data.seq_len
         self.config = bench_config(self.cpu)
         self.warmup, self.timed = (1, 1) if self.cpu else (2, 3)
@@ -892,6 +897,72 @@ def throughput_row(b: Bench, rows: Rows, ckpt: bool, compile_: bool, attention: 
         b.free()
         if compile_:
             torch._dynamo.reset()
+
+
+TEACHER_CHECK = "teacher_kl targets (bf16 teacher, head in chunks, byte trie on the device)"
+
+
+def teacher_row(b: Bench, rows: Rows) -> None:
+    """What ``teacher_kl`` adds to a step of the llama-3.2-1b recipe: the source model (Llama 3.2 1B
+    shape, random bf16 weights; tiny in --cpu) over the source tokens of one micro-batch (b.batch x
+    seq bytes at 4.4 bytes per token), its next-byte targets for every byte
+    (:func:`byteify.train.teacher.byte_marginals`: the head a chunk of positions at a time, each
+    chunk marginalised by a byte trie over a vocabulary of random byte strings where it was
+    computed): seconds, peak memory above the weights, and the first positions' targets against the
+    whole logits marginalised in float64 on the host."""
+    torch = b.torch
+    from transformers import LlamaForCausalLM
+
+    from byteify.train.aligned import ByteTrie
+    from byteify.train.teacher import HEAD_CHUNK, byte_marginals
+
+    with rows.guard("throughput", TEACHER_CHECK):
+        cfg = llama_source(b.cpu).config
+        torch.manual_seed(0)
+        with torch.device(b.device):
+            teacher = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        vocab, gen = cfg.vocab_size, torch.Generator().manual_seed(0)
+        lengths = torch.randint(1, 9, (vocab,), generator=gen).tolist()
+        seen, strings = set(), []
+        for n in lengths:  # random byte strings, 1-8 bytes; a repeat is not a token (None)
+            x = bytes(torch.randint(0, 256, (n,), generator=gen).tolist())
+            strings.append(None if x in seen else x)
+            seen.add(x)
+        trie = ByteTrie(strings)
+        valid = torch.tensor([i for i, x in enumerate(strings) if x is not None])
+        per_row = max(2, round(b.seq / 4.4))
+        ids = valid[torch.randint(0, len(valid), (b.batch, per_row), generator=gen)]
+        nxt = ids[:, 1:].flatten()  # the token after each position (all but the last of a row)
+        at = (torch.arange(b.batch)[:, None] * per_row + torch.arange(per_row - 1)[None]).flatten()
+        n = torch.tensor([len(strings[int(t)]) for t in nxt])
+        token, pos = torch.repeat_interleave(nxt, n), torch.repeat_interleave(at, n)
+        depth = torch.arange(len(token)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        byte_marginals(teacher, trie, pos, token, depth, 1.0, ids)  # warm-up (kernels, trie tables)
+        b.sync()
+        b.free()
+        base = torch.cuda.memory_allocated() / 2**30 if not b.cpu else 0.0
+        b.reset_peak()
+        t0 = time.perf_counter()
+        out = byte_marginals(teacher, trie, pos, token, depth, 1.0, ids)
+        b.sync()
+        dt = time.perf_counter() - t0
+        peak = b.peak_mem() - base
+        k = int((pos < 16).sum())  # the queries of the first 16 positions: the reference's
+        with torch.no_grad():
+            logits = teacher(ids[:1].to(b.device), use_cache=False).logits[0, :16].double().cpu()
+        ref = trie.marginals(logits.softmax(-1), token[:k], depth[:k], which=pos[:k])
+        err = float((out[:k].double().cpu() - ref).abs().max())
+        sums = float((out.sum(-1) - 1).abs().max())
+        ok = err < 2e-2 and sums < 1e-3 and bool(torch.isfinite(out).all())
+        n_bytes = b.batch * b.seq
+        rows.add("throughput", TEACHER_CHECK, "ok" if ok else "FAIL",
+                 f"{dt * 1e3:.0f} ms per micro-batch ({n_bytes:,} bytes, {ids.numel():,} tokens, {len(token):,} "
+                 f"targets; {n_bytes / dt / 1e3:.0f} kB/s); "
+                 + (f"peak RSS {peak:.2f} GiB" if b.cpu else f"peak +{peak:.2f} GiB above the weights"),
+                 f"vocabulary {vocab:,}, {max(1, HEAD_CHUNK // vocab)} positions per head chunk; max |target - "
+                 f"float64 reference| {err:.1e}, max |sum - 1| {sums:.1e}", seconds=dt)
+        del teacher, out
+        b.free()
 
 
 def microbatch_search(b: Bench, rows: Rows, attention: str | None, budget_s: float) -> None:
@@ -1165,7 +1236,8 @@ def bench_child(args, rows: Rows, clock: Clock) -> None:
     tasks = [("environment", "matmul ceiling", 5, lambda: matmul_ceiling(b, rows)),
              ("throughput", "model", eager, lambda: model_row(b, rows)),
              tp(False, False, None), tp(True, False, None), prof(None),
-             tp(False, True, None), tp(True, True, None), mb(None)]
+             tp(False, True, None), tp(True, True, None),
+             ("throughput", TEACHER_CHECK, eager, lambda: teacher_row(b, rows)), mb(None)]
     if me:
         tasks += [tp(False, False, me), tp(True, False, me), mb(me), prof(me)]
     for section, check, need, fn in tasks:

@@ -58,26 +58,37 @@ class ByteTrie:
         self.child_byte = torch.tensor([b for (_, b) in children], dtype=torch.long)[by]
         self.child_node = torch.tensor(list(children.values()), dtype=torch.long)[by]
         self.child_ptr = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=n_nodes))]))
+        self._on: dict = {}  # device -> the tables there
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The lookup tables on ``device`` (copied there once): marginals run where the teacher's
+        probabilities are, so they never leave the GPU."""
+        names = ("order", "node", "child_ptr", "child_node", "child_byte", "lo", "hi")
+        if device not in self._on:
+            self._on[device] = tuple(getattr(self, n).to(device) for n in names)
+        return self._on[device]
 
     def marginals(self, probs: torch.Tensor, token: torch.Tensor, depth: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-byte distributions [Q, 256] for Q queries: ``probs`` [U, V] next-token
-        distributions, ``which`` [Q] the row of ``probs`` each query reads (default: row q),
-        ``token`` [Q] the actual token, ``depth`` [Q] bytes of it already seen.  Mass of the
-        tokens that share those bytes and go on, grouped by their next byte."""
-        if which is None:
-            which = torch.arange(len(token))
+        """Next-byte distributions [Q, 256] for Q queries, on ``probs``' device: ``probs`` [U, V]
+        next-token distributions, ``which`` [Q] the row of ``probs`` each query reads (default:
+        row q), ``token`` [Q] the actual token, ``depth`` [Q] bytes of it already seen.  Mass of
+        the tokens that share those bytes and go on, grouped by their next byte."""
+        dev = probs.device
+        order, node, child_ptr, child_node, child_byte, lo, hi = self._tables(dev)
+        token, depth = token.to(dev), depth.to(dev)
+        which = torch.arange(len(token), device=dev) if which is None else which.to(dev)
         if len(token) == 0:
-            return torch.zeros(0, 256, dtype=probs.dtype)
-        cum = torch.zeros(probs.shape[0], len(self.order) + 1, dtype=torch.float64)
-        torch.cumsum(probs[:, self.order].double(), dim=1, out=cum[:, 1:])
-        prefix = self.node[token, depth.clamp(max=self.depth - 1)]  # [Q]
-        start, count = self.child_ptr[prefix], self.child_ptr[prefix + 1] - self.child_ptr[prefix]
-        q = torch.repeat_interleave(torch.arange(len(token)), count)
-        k = start[q] + torch.arange(len(q)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-        child, row = self.child_node[k], which[q]
-        mass = cum[row, self.hi[child]] - cum[row, self.lo[child]]
-        dist = torch.zeros(len(token), 256, dtype=torch.float64)
-        dist.index_put_((q, self.child_byte[k]), mass, accumulate=True)
+            return torch.zeros(0, 256, dtype=probs.dtype, device=dev)
+        cum = torch.zeros(probs.shape[0], len(order) + 1, dtype=torch.float64, device=dev)
+        torch.cumsum(probs[:, order].double(), dim=1, out=cum[:, 1:])
+        prefix = node[token, depth.clamp(max=self.depth - 1)]  # [Q]
+        start, count = child_ptr[prefix], child_ptr[prefix + 1] - child_ptr[prefix]
+        q = torch.repeat_interleave(torch.arange(len(token), device=dev), count)
+        k = start[q] + torch.arange(len(q), device=dev) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        child, row = child_node[k], which[q]
+        mass = cum[row, hi[child]] - cum[row, lo[child]]
+        dist = torch.zeros(len(token), 256, dtype=torch.float64, device=dev)
+        dist.index_put_((q, child_byte[k]), mass, accumulate=True)
         return (dist / dist.sum(1, keepdim=True).clamp(min=1e-30)).to(probs.dtype)
 
 

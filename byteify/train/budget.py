@@ -21,7 +21,9 @@ The model (bf16 compute, fp32 master weights, gradients and AdamW moments):
 * a stage that distils (``teacher_kl``, ``distill``) runs the source model beside it, forward
   only: its weights in the teacher's dtype, sharded like the student's (one unit per layer), its
   root unit (embeddings, head, norm: FSDP2 keeps the root gathered after the forward) and two
-  layers gathered, and its token logits (teacher dtype, then fp32) for one token per patch;
+  layers gathered, one chunk of its head's logits at a time with the float64 prefix sums that
+  marginalise them (:class:`byteify.train.teacher.MarginalHead`), and the targets (256 fp32
+  per byte);
 * FLOPs per byte: ``6 x`` the parameters a byte touches (the global transformer once per patch)
   plus the attention the dense masks make the kernels compute (all ``T^2`` pairs in the local
   stacks), ``x 4/3`` with checkpointing (one more forward), plus the teacher's forward (``2 x``
@@ -47,6 +49,7 @@ class TeacherShape:
     root: int  # the parameters outside the layers (embeddings, head, final norm)
     vocab: int
     dtype_bytes: int  # 2 for a bf16 teacher, 4 for fp32
+    head_rows: int  # positions per chunk of its LM head (byteify.train.teacher.HEAD_CHUNK / vocab)
 
 
 @dataclass
@@ -117,8 +120,11 @@ def stage_budget(config, counts: dict, stage, seq_len: int, world: int, patch_by
         forward += 2 * (counts["entropy_model"]["trainable"] + counts["entropy_model"]["frozen"])  # patch lengths
     teacher_mem = teacher_flops = 0
     if teacher is not None:
+        # a chunk of the head's logits (teacher dtype, fp32, its softmax, the float64 gathered
+        # probabilities and prefix sums of the byte-trie marginals) and the fp32 targets of every byte
+        head = min(tokens_global, teacher.head_rows) * teacher.vocab * (teacher.dtype_bytes + 4 + 4 + 8 + 8)
         teacher_mem = (teacher.dtype_bytes * (teacher.params // world + teacher.root + 2 * teacher.layer)
-                       + tokens_global * teacher.vocab * (teacher.dtype_bytes + 4))
+                       + head + tokens_local * 256 * 4)
         teacher_flops = 2 * teacher.params / patch_bytes
     return StageBudget(world=world, micro_per_process=micro, seq_len=T, patch_bytes=patch_bytes, params=params,
                        trainable=trainable, state=state, unsharded_grads=unsharded, gathered=2 * 2 * unit,
@@ -138,7 +144,7 @@ def budget_lines(b: StageBudget, checkpointing: bool, gpu_gib: float = 80.0) -> 
              f"    activations: {gib(b.activations['checkpointing'])} with checkpointing, "
              f"{gib(b.activations['no checkpointing'])} without; dense attention masks: {gib(b.masks)}"]
     if b.teacher:
-        lines.append(f"    teacher (the source model, forward only: sharded weights, gathered layers, logits): {gib(b.teacher)}")
+        lines.append(f"    teacher (the source model, forward only: sharded weights, gathered layers, a chunk of its head, byte targets): {gib(b.teacher)}")
     for ac in (True, False):
         mark = "  <- this recipe" if ac == checkpointing else ""
         lines.append(f"    total {'with' if ac else 'without'} activation checkpointing: {gib(b.total(ac))}; "

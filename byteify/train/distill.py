@@ -28,10 +28,26 @@ from .aligned import AlignedBatch, AlignedBatches, AlignedWindows, ByteTrie, Win
 from .model import blt_forward, summed_nll
 from .distributed import set_gradient_sync
 from .stages import LN2, StageContext, StepResult, validate_bytes
+from .teacher import byte_marginals
 
 
-def teacher_states(teacher, teacher_ids: torch.Tensor, k: int):
-    """Teacher forward: (hidden after layer k, final pre-norm hidden, next-token logits)."""
+def dense_queries(batch: AlignedBatch) -> tuple[torch.Tensor, ...]:
+    """(b_idx, t_idx, at, token, depth) of every label byte that has a teacher prediction: its row
+    and position, the flat teacher position ``at`` (b * P + p) whose next-token distribution covers
+    it, the token it belongs to and the bytes of that token before it."""
+    b_idx, t_idx = torch.nonzero(batch.byte_patch >= 0, as_tuple=True)
+    p_idx = batch.byte_patch[b_idx, t_idx]
+    token = batch.next_token[b_idx, p_idx]
+    keep = token >= 0
+    b_idx, t_idx, p_idx, token = b_idx[keep], t_idx[keep], p_idx[keep], token[keep]
+    return b_idx, t_idx, b_idx * batch.teacher_ids.shape[1] + p_idx, token, batch.byte_depth[b_idx, t_idx]
+
+
+def teacher_states(teacher, batch: AlignedBatch, k: int, trie: ByteTrie | None = None, temperature: float = 1.0):
+    """Teacher forward on the batch's source tokens: (hidden after layer k, final pre-norm hidden,
+    dense targets), the last ``(b_idx, t_idx, [Q, 256] next-byte distributions)`` for every label
+    byte that has a teacher prediction when ``trie`` is given (else None; the token logits are then
+    not computed)."""
     captured = {}
     hooks = []
     if k > 0:
@@ -39,27 +55,18 @@ def teacher_states(teacher, teacher_ids: torch.Tensor, k: int):
             lambda mod, args, out: captured.__setitem__("k", out[0] if isinstance(out, tuple) else out)))
     hooks.append(teacher.model.layers[-1].register_forward_hook(
         lambda mod, args, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out)))
+    dense = None
     try:
         with torch.no_grad():
-            logits = teacher(teacher_ids, use_cache=False).logits
+            if trie is None:
+                teacher(batch.teacher_ids, use_cache=False, logits_to_keep=1)
+            else:
+                b_idx, t_idx, at, token, depth = dense_queries(batch)
+                dense = b_idx, t_idx, byte_marginals(teacher, trie, at, token, depth, temperature, batch.teacher_ids)
     finally:
         for h in hooks:
             h.remove()
-    return captured.get("k"), captured["last"], logits
-
-
-def dense_targets(trie: ByteTrie, logits: torch.Tensor, batch: AlignedBatch, temperature: float):
-    """(flat byte positions, teacher next-byte distributions [Q, 256]) for every label byte that
-    has a teacher prediction."""
-    b_idx, t_idx = torch.nonzero(batch.byte_patch >= 0, as_tuple=True)
-    p_idx = batch.byte_patch[b_idx, t_idx]
-    token = batch.next_token[b_idx, p_idx]
-    keep = token >= 0
-    b_idx, t_idx, p_idx, token = b_idx[keep], t_idx[keep], p_idx[keep], token[keep]
-    used, which = torch.unique(b_idx * logits.shape[1] + p_idx, return_inverse=True)  # one per teacher position
-    probs = (logits.flatten(0, 1)[used].float() / temperature).softmax(-1)
-    dist = trie.marginals(probs, token, batch.byte_depth[b_idx, t_idx], which=which)
-    return b_idx, t_idx, dist
+    return captured.get("k"), captured["last"], dense
 
 
 def byte_kl(student_logits: torch.Tensor, b_idx, t_idx, target: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -85,10 +92,10 @@ def encoder_half(blt, patch_embeds: torch.Tensor, k: int) -> torch.Tensor:
     return h
 
 
-def distill_losses(blt, batch: AlignedBatch, teacher_k, teacher_last, teacher_logits, trie: ByteTrie, spec) -> dict:
-    """Summed terms of one batch: byte cross-entropy (``ce``) and dense KL (``kl``) of the decoder
-    half, relative squared error of the encoder half (``enc``), and the counts that normalise them
-    (``n_bytes``, ``n_patches``)."""
+def distill_losses(blt, batch: AlignedBatch, teacher_k, teacher_last, dense, spec) -> dict:
+    """Summed terms of one batch: byte cross-entropy (``ce``) and dense KL (``kl``, against
+    ``dense``, :func:`teacher_states`' targets) of the decoder half, relative squared error of the
+    encoder half (``enc``), and the counts that normalise them (``n_bytes``, ``n_patches``)."""
     captured = {}
 
     def teacher_global(patch_embeds):  # the decoder half reads the teacher's states
@@ -98,9 +105,8 @@ def distill_losses(blt, batch: AlignedBatch, teacher_k, teacher_last, teacher_lo
     logits = blt_forward(blt, batch.input_ids, batch.patch_lengths, global_fn=teacher_global)
     zero = logits.new_zeros((), dtype=torch.float32)
     out = {"ce": summed_nll(logits, batch.labels), "kl": zero, "enc": zero}
-    if spec.decoder and spec.kl_weight > 0:
-        b_idx, t_idx, target = dense_targets(trie, teacher_logits, batch, spec.temperature)
-        out["kl"] = byte_kl(logits, b_idx, t_idx, target, spec.temperature)
+    if dense is not None:
+        out["kl"] = byte_kl(logits, *dense, spec.temperature)
     valid = batch.patch_lengths > 0
     if spec.encoder:
         # squared error relative to the teacher state's norm: Llama-family models put activations
@@ -163,10 +169,10 @@ class DistillStage:
 
     def _losses(self, b: AlignedBatch) -> dict:
         k = self.spec.encoder_layers if self.spec.encoder else 0
-        hk, hl, logits = teacher_states(self.teacher, b.teacher_ids, k)
+        trie = self.trie if self.spec.decoder and self.spec.kl_weight > 0 else None
+        hk, hl, dense = teacher_states(self.teacher, b, k, trie, self.spec.temperature)
         with self.ctx.autocast():
-            return self.ctx.module(b.input_ids, b.labels,
-                                   distill=lambda blt: distill_losses(blt, b, hk, hl, logits, self.trie, self.spec))
+            return self.ctx.module(b.input_ids, b.labels, distill=lambda blt: distill_losses(blt, b, hk, hl, dense, self.spec))
 
     def step(self) -> StepResult:
         dist = self.ctx.dist

@@ -18,16 +18,16 @@ from .written import check_stages
 
 def teacher_shape(loc, stage):
     """The source model a distilling stage runs (:class:`~.budget.TeacherShape`), from its
-    architecture on the meta device; bf16 for ``teacher_kl``'s default, fp32 for the distillation stage."""
+    architecture on the meta device, in the stage's ``teacher_dtype``."""
     from .budget import TeacherShape
-    from .teacher import teacher_on_meta
+    from .teacher import HEAD_CHUNK, teacher_on_meta
 
     teacher = teacher_on_meta(loc)
     layers = [sum(p.numel() for p in layer.parameters()) for layer in teacher.model.layers]
     total = teacher.num_parameters()  # tied embeddings counted once
-    low = stage.teacher_kl is not None and stage.teacher_kl.teacher_dtype == "bf16"
-    return TeacherShape(params=total, layer=max(layers), root=total - sum(layers),
-                        vocab=teacher.config.vocab_size, dtype_bytes=2 if low else 4)
+    vocab = teacher.config.vocab_size
+    return TeacherShape(params=total, layer=max(layers), root=total - sum(layers), vocab=vocab,
+                        dtype_bytes=2 if stage.teacher_dtype == "bf16" else 4, head_rows=max(1, HEAD_CHUNK // vocab))
 
 
 def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str:
@@ -64,7 +64,7 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str
             lr = f"{stage.lr * mults[part]:.2e}" if part in mults else "-"
             lines.append(f"  {part:<16}{c['trainable']:>14,}{c['frozen']:>14,}{lr:>11}")
         size = p.patch_size if p is not None and p.mode == "static" else patch_bytes
-        teacher = teacher_shape(loc, stage) if stage.teacher_kl is not None or stage.distill is not None else None
+        teacher = teacher_shape(loc, stage) if stage.teacher_dtype else None
         budget = stage_budget(config, counts, stage, recipe.data.seq_len, world, size, teacher)
         lines += budget_lines(budget, recipe.run.activation_checkpointing, gpu_gib)
     if recipe.calibration is not None:

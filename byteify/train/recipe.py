@@ -130,6 +130,15 @@ class StageSpec(_Strict):
     keep_warm_start: bool = False
     boundaries: BoundarySpec | None = None  # entropy model: learn the source tokenizer's boundaries
 
+    @property
+    def teacher_dtype(self) -> str | None:
+        """The dtype of the source model this stage runs beside the BLT: ``teacher_kl``'s
+        ``teacher_dtype``, fp32 for a distillation stage (its encoder half matches the teacher's
+        hidden states), None for a stage without a teacher."""
+        if self.teacher_kl is not None:
+            return self.teacher_kl.teacher_dtype
+        return "fp32" if self.distill is not None else None
+
     @model_validator(mode="after")
     def _check(self):
         if self.distill is not None:

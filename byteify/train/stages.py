@@ -86,9 +86,7 @@ class ByteStage:
             from .teacher import run_teacher
             from .teacher_kl import PackedTeacher
 
-            spec = ctx.stage.teacher_kl
-            dtype = torch.bfloat16 if spec.teacher_dtype == "bf16" else torch.float32
-            self.teacher = PackedTeacher(run_teacher(ctx, dtype), spec)
+            self.teacher = PackedTeacher(run_teacher(ctx), ctx.stage.teacher_kl)
 
     def step(self) -> StepResult:
         ctx = self.ctx

@@ -1,13 +1,15 @@
 """The source model as a teacher, rebuilt from a converted BLT directory alone: the transplanted
 global layers (q/k permuted back to ``rotate_half``), plus the source's embeddings, final norm
-and LM head that ``byteify convert`` kept in ``byteify_source/``; and the teacher a training run
-shares between its stages (with the source tokenizer and its byte trie)."""
+and LM head that ``byteify convert`` kept in ``byteify_source/``; the teacher a training run
+shares between its stages (with the source tokenizer and its byte trie); and its next-byte
+targets (:func:`byte_marginals`), computed a chunk of positions at a time on its device."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..convert.sources import load_tensor_map
 from ..convert.transplant import interleaved_to_rope_half
@@ -28,6 +30,67 @@ def teacher_on_meta(loc: Location):
     config = AutoConfig.from_pretrained(str(side))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+# token logits the teacher's head computes at once (positions x vocabulary): 2^24 is 128 positions
+# of Llama 3's 128,256 tokens, ~0.4 GB with the float copies and the float64 prefix sums
+HEAD_CHUNK = 2**24
+
+
+class MarginalHead(nn.Module):
+    """The teacher's LM head, which returns next-byte targets instead of token logits while
+    :func:`byte_marginals` has set ``queries``: the head runs over the queried positions only, a
+    chunk of ``HEAD_CHUNK`` logits at a time, and each chunk is softmaxed and marginalised by the
+    byte trie right there, so neither a [positions, vocabulary] tensor nor any probability leaves
+    the device.  It runs inside the model's forward, where FSDP2 has gathered the head's weight
+    (the root unit), exactly as for the plain head; without queries it *is* the plain head."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head, self.queries = head, None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.queries is None:
+            return self.head(hidden)
+        trie, at, token, depth, temperature = self.queries
+        h = hidden.flatten(0, -2)  # [positions, D]; ``at`` indexes them
+        used, which = torch.unique(at.to(h.device), return_inverse=True)
+        token, depth = token.to(h.device), depth.to(h.device)
+        rows = max(1, HEAD_CHUNK // self.head.weight.shape[0])
+        out = torch.empty(len(which), 256, dtype=torch.float32, device=h.device)
+        for lo in range(0, len(used), rows):
+            sel = torch.nonzero((which >= lo) & (which < lo + rows)).flatten()
+            probs = (self.head(h[used[lo:lo + rows]]).float() / temperature).softmax(-1)
+            out[sel] = trie.marginals(probs, token[sel], depth[sel], which=which[sel] - lo).float()
+        return out
+
+
+def marginal_head(teacher) -> MarginalHead:
+    """The teacher's :class:`MarginalHead`, put in place of its LM head the first time (before
+    sharding, in :func:`run_teacher`; a tied head keeps sharing the embeddings' tensor)."""
+    if not isinstance(teacher.lm_head, MarginalHead):
+        teacher.lm_head = MarginalHead(teacher.lm_head)
+    return teacher.lm_head
+
+
+@torch.no_grad()
+def byte_marginals(teacher, trie, at: torch.Tensor, token: torch.Tensor, depth: torch.Tensor,
+                   temperature: float, input_ids: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """The teacher's next-byte distributions [Q, 256] (float32, on its device) for Q queries: its
+    next-token distribution at flat position ``at`` of ``input_ids`` (temperature applied to the
+    token logits), marginalised by ``trie`` over the tokens that extend the first ``depth`` bytes
+    of ``token``.  One forward; ``forward_kwargs`` go to it (masks, positions)."""
+    head = marginal_head(teacher)
+    device = head.weight.device
+    head.queries = (trie, at, token, depth, temperature)
+    try:
+        return teacher(input_ids.to(device), use_cache=False, **forward_kwargs).logits
+    finally:
+        head.queries = None
 
 
 @torch.no_grad()
@@ -67,11 +130,12 @@ def load_teacher(where: str | Path | Location, dtype=torch.float32):
     return teacher
 
 
-def run_teacher(ctx, dtype=torch.float32) -> dict:
-    """``{"teacher", "tokenizer", "trie"}`` of a training run, built once per dtype
-    (``ctx.shared``) and reused by every stage that distils: the frozen source model on the run's
+def run_teacher(ctx) -> dict:
+    """``{"teacher", "tokenizer", "trie"}`` of a training run, built once per dtype (the stage's
+    ``teacher_dtype``; ``ctx.shared``) and reused by every stage that distils: the frozen source model on the run's
     device, under torchrun sharded like the student (one unit per layer, so no process keeps the
     whole teacher), the source tokenizer and the byte trie over its vocabulary."""
+    dtype = torch.bfloat16 if ctx.stage.teacher_dtype == "bf16" else torch.float32
     key = f"teacher-{dtype}"
     shared = ctx.shared.get(key)
     if shared is not None:
@@ -81,6 +145,7 @@ def run_teacher(ctx, dtype=torch.float32) -> dict:
     from .aligned import ByteTrie
 
     teacher = load_teacher(ctx.location, dtype=dtype)
+    marginal_head(teacher)  # its weight stays in the root unit, gathered with the embeddings
     if ctx.dist.sharded:
         from torch.distributed.fsdp import fully_shard
 

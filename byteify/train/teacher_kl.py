@@ -6,7 +6,7 @@ source tokenizer (cut to whole UTF-8 characters: a row can start or end inside o
 the teacher after its BOS (all runs of a micro-batch in one packed teacher sequence, attention
 kept inside each run); the teacher's next-token distribution at token q, marginalised by the
 byte trie over the tokens that extend the bytes of token q seen so far, is the target for each
-byte of token q (the distillation stage's dense term, :func:`byteify.train.distill.dense_targets`,
+byte of token q (the distillation stage's dense term, :func:`byteify.train.distill.teacher_states`,
 on packed rows instead of token-aligned windows).  The BLT predicts those bytes under its own
 patching and through its own global transformer; only the targets come from the teacher.
 """
@@ -19,6 +19,7 @@ import torch
 
 from ..tokenizer import OFFSET
 from .aligned import ByteTrie, tokenize_document
+from .teacher import byte_marginals
 
 
 @dataclass
@@ -92,16 +93,12 @@ def teacher_queries(input_ids: torch.Tensor, labels: torch.Tensor, tokenizer, ta
     return TeacherQueries(teacher_ids, position_ids, run, *cols)
 
 
-@torch.no_grad()
 def teacher_targets(teacher, trie: ByteTrie, queries: TeacherQueries, temperature: float) -> torch.Tensor:
-    """The teacher's next-byte distributions [Q, 256] (float32) at ``queries`` (temperature
-    applied to its token logits)."""
-    device = next(teacher.parameters()).device
-    logits = teacher(queries.teacher_ids.to(device), attention_mask=queries.attention_mask().to(device),
-                     position_ids=queries.position_ids.to(device), use_cache=False).logits[0]
-    used, inverse = torch.unique(queries.at, return_inverse=True)
-    probs = (logits[used.to(device)].float().cpu() / temperature).softmax(-1)  # one per teacher position
-    return trie.marginals(probs, queries.token, queries.depth, which=inverse).float()
+    """The teacher's next-byte distributions [Q, 256] (float32, on the teacher's device) at
+    ``queries`` (temperature applied to its token logits)."""
+    dev = next(teacher.parameters()).device
+    return byte_marginals(teacher, trie, queries.at, queries.token, queries.depth, temperature, queries.teacher_ids,
+                          attention_mask=queries.attention_mask().to(dev), position_ids=queries.position_ids.to(dev))
 
 
 class PackedTeacher:

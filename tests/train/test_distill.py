@@ -146,11 +146,11 @@ def test_decoder_and_encoder_losses_equal_hand_computed_references(tiny):
     w = AlignedWindows(DOCS, tok, seq_len=40)
     batch = w.batch([0, 1, 2])
     k = 2
-    hk, hl, lg = teacher_states(teacher, batch.teacher_ids, k)
     spec = DistillSpec(encoder_layers=k, kl_weight=0.5, temperature=2.0)
     trie = ByteTrie(token_byte_strings(tok))
+    hk, hl, dense = teacher_states(teacher, batch, k, trie, spec.temperature)
     with torch.no_grad():
-        out = distill_losses(blt, batch, hk, hl, lg, trie, spec)
+        out = distill_losses(blt, batch, hk, hl, dense, spec)
         ce, enc, logits, logits_t = manual_reference(blt, teacher, batch, k)
     assert float(out["ce"]) == pytest.approx(float(ce), rel=1e-5)
     assert float(out["enc"]) == pytest.approx(float(enc), rel=1e-4)

@@ -13,7 +13,7 @@ import torch
 from byteify.data.streams import pack_rows, to_batch
 from byteify.resolve import load_source_tokenizer
 from byteify.tokenizer import OFFSET, token_byte_strings
-from byteify.train.distill import AlignedWindows, ByteTrie, dense_targets, teacher_states
+from byteify.train.distill import AlignedWindows, ByteTrie, dense_queries
 from byteify.train.recipe import load_recipe
 from byteify.train.teacher import load_teacher
 from byteify.train.teacher_kl import teacher_queries, teacher_targets, whole_characters
@@ -68,11 +68,40 @@ def test_targets_equal_the_distillation_stage_dense_targets(tiny):
     q = teacher_queries(batch["input_ids"], batch["labels"], tok, token_byte_strings(tok), trie.depth)
     mine = teacher_targets(teacher, trie, q, temperature=2.0)
     aligned = AlignedWindows([doc], tok, seq_len=len(doc) + 1).batch([0])
-    _, _, logits = teacher_states(teacher, aligned.teacher_ids, 0)
-    b_idx, t_idx, ref = dense_targets(trie, logits, aligned, temperature=2.0)
+    b_idx, t_idx, at, token, depth = dense_queries(aligned)  # reference: the whole logits, then the trie
+    logits = teacher(aligned.teacher_ids, use_cache=False).logits.flatten(0, 1)
+    ref = trie.marginals((logits[at] / 2.0).softmax(-1), token, depth)
     assert q.t.tolist() == t_idx.tolist() and len(ref) == len(doc)  # same bytes, same order
     torch.testing.assert_close(mine, ref.float(), atol=1e-6, rtol=1e-5)
     assert torch.all(mine.gather(1, (batch["labels"][0, q.t] - OFFSET)[:, None]) > 0)
+
+
+def test_head_chunks_give_the_same_targets_and_never_the_whole_logits(tiny, monkeypatch):
+    """The teacher's head runs a chunk of positions at a time (HEAD_CHUNK logits), each chunk
+    marginalised where it was computed: chunked targets equal one-chunk targets, no call of the
+    head sees more than a chunk's positions, and without queries it is the plain head."""
+    import byteify.train.teacher as teacher_mod
+
+    _, blt = tiny
+    tok = load_source_tokenizer(blt)
+    teacher, trie = load_teacher(blt), ByteTrie(token_byte_strings(tok))
+    batch = to_batch(pack_rows(DOCS, seq_len=64))
+    q = teacher_queries(batch["input_ids"], batch["labels"], tok, token_byte_strings(tok), trie.depth)
+    plain = teacher(q.teacher_ids, attention_mask=q.attention_mask(), position_ids=q.position_ids).logits
+    whole = teacher_targets(teacher, trie, q, temperature=1.5)  # default chunk: every position at once
+    vocab = teacher.config.vocab_size
+    rows_seen = []
+    head = teacher_mod.marginal_head(teacher).head
+    hook = head.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
+    monkeypatch.setattr(teacher_mod, "HEAD_CHUNK", 5 * vocab)  # five positions per chunk
+    chunked = teacher_targets(teacher, trie, q, temperature=1.5)
+    hook.remove()
+    n_used = len(torch.unique(q.at))
+    assert max(rows_seen) == 5 and len(rows_seen) == -(-n_used // 5) and n_used > 20
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked.sum(-1), torch.ones(len(q.at)), atol=1e-5, rtol=0)
+    after = teacher(q.teacher_ids, attention_mask=q.attention_mask(), position_ids=q.position_ids).logits
+    assert after.shape == plain.shape and torch.equal(after, plain)  # the queries were cleared
 
 
 def test_stage_with_teacher_kl_learns_the_teacher(tiny, tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.gpu_plan import WITHOUT_WARM_START
 from byteify.errors import ByteifyError
 from byteify.parts import part_of
 from byteify.train.recipe import load_recipe
@@ -224,15 +225,10 @@ def test_sigterm_saves_checkpoint_and_exits_130(tiny_converted, tmp_path):
     assert 1 <= state["global_step"] < 100000
 
 
-KEEP_BOTH = ["stages.0.keep_warm_start=true", "stages.1.keep_warm_start=true"]  # the GPU headers' warm-kept option
-KEEP_KL = [*KEEP_BOTH, "stages.1.teacher_kl={weight: 1.0}"]  # ... and the smollm2-135m recipe's teacher_kl on top
-
-
 @pytest.mark.parametrize("name,warm,overrides", [
     ("tiny-cpu", False, []), ("smollm2-135m", True, []), ("entropy-model", False, []),
-    ("llama-3.2-1b", False, []), ("llama-3.1-8b", False, []),
-    ("llama-3.2-1b", True, KEEP_BOTH), ("llama-3.1-8b", True, KEEP_BOTH),
-    ("llama-3.2-1b", True, KEEP_KL), ("llama-3.1-8b", True, KEEP_KL)])
+    ("llama-3.2-1b", True, []), ("llama-3.1-8b", True, []),  # as shipped: warm start kept, teacher_kl
+    ("llama-3.2-1b", False, WITHOUT_WARM_START), ("llama-3.1-8b", False, WITHOUT_WARM_START)])  # the headers' alternative
 def test_every_shipped_recipe_passes_dry_run(tiny_converted, tiny_warm, name, warm, overrides, tmp_path):
     """Each shipped recipe on the conversion its header names (``warm``: the vocabulary warm start
     with free coordinates, which keep_warm_start needs)."""
