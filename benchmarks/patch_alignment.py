@@ -9,7 +9,11 @@ are from that.
 The groups are not comparable causes: a patch that ends on a token boundary is followed by a
 token's first byte, the hardest byte to predict, so the split describes, it does not attribute.
 
+``--patches-only``: the shares alone, for any model directory or run with an entropy model
+(e.g. another patcher), without the BLT's forward.
+
 Usage: nice -n 5 .venv/bin/python benchmarks/patch_alignment.py --run /tmp/byteify-quality/runs/2qw64k-460kb-seed1
+       [--patches-only]
 Prints a markdown table.
 """
 
@@ -47,8 +51,9 @@ def is_token(a: int, b: int, starts: set[int]) -> bool:
 
 
 @torch.no_grad()
-def split(run: Path, final_bytes: int, seq_len: int = 1024) -> dict[str, list[float]]:
-    """{group: [nats with its own global, nats with another window's, bytes]}."""
+def split(run: Path, final_bytes: int, seq_len: int = 1024, patches_only: bool = False) -> dict[str, list[float]]:
+    """{group: [nats with its own global, nats with another window's, bytes]} (nats 0 with
+    ``patches_only``)."""
     import byteify_quality as q
     from byteify.evaluate import _batches, frame, windows
     from byteify.patching.patchers import build_patcher
@@ -56,7 +61,7 @@ def split(run: Path, final_bytes: int, seq_len: int = 1024) -> dict[str, list[fl
     from byteify.resolve import load_blt, load_source_tokenizer
     from byteify.tokenizer import BOE_ID, IGNORE_INDEX, token_byte_strings
 
-    model_dir = q.newest_model(run)
+    model_dir = q.newest_model(run) if (run / "checkpoints").is_dir() else run
     _, model = load_blt(model_dir, torch.float32, torch.device("cpu"))
     model.eval()
     patcher = build_patcher(PatchingSpec(mode="entropy"), model)
@@ -75,12 +80,12 @@ def split(run: Path, final_bytes: int, seq_len: int = 1024) -> dict[str, list[fl
     try:
         for n, (ids, labels, real) in enumerate(_batches(rows, 8, BOE_ID)):
             lengths = patcher(ids)
-            nll = []
-            for roll in (False, True):
+            nll = [torch.zeros(labels.shape), torch.zeros(labels.shape)]
+            for roll in () if patches_only else (False, True):
                 other["on"] = roll
                 logits = model(input_ids=ids, patch_lengths=lengths, use_cache=False).logits
-                nll.append(F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                           reduction="none"))
+                nll[roll] = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                            reduction="none")
             for r in range(ids.shape[0]):
                 s, starts, n_doc = where[n * 8 + r]
                 bounds = [0, *lengths[r].cumsum(0).tolist()]  # patch k: positions [bounds[k], bounds[k+1])
@@ -108,15 +113,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished run of benchmarks/byteify_quality.py")
     ap.add_argument("--final-bytes", type=int, default=32768)
+    ap.add_argument("--patches-only", action="store_true", help="the shares alone (no BLT forward)")
     args = ap.parse_args()
-    groups = split(args.run, args.final_bytes)
+    groups = split(args.run, args.final_bytes, patches_only=args.patches_only)
     total = groups["all"][2]
-    print(f"{args.run.name}: held-out {total:,} bytes under the benchmark's causal entropy patcher\n")
-    print("| bytes | share | bits/byte, own global | another window's global | reliance |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"{args.run.name}: held-out {total:,} bytes under its causal entropy patcher\n")
+    if args.patches_only:
+        print("| bytes | share |\n|---|---:|")
+    else:
+        print("| bytes | share | bits/byte, own global | another window's global | reliance |\n|---|---:|---:|---:|---:|")
     for key in sorted(groups, key=lambda k: (k == "all", k)):
         own, oth, n = groups[key]
-        print(f"| {key} | {n / total:.1%} | {own / n / LN2:.3f} | {oth / n / LN2:.3f} | {(oth - own) / n / LN2:+.3f} |")
+        print(f"| {key} | {n / total:.1%} |" + ("" if args.patches_only else
+              f" {own / n / LN2:.3f} | {oth / n / LN2:.3f} | {(oth - own) / n / LN2:+.3f} |"))
 
 
 if __name__ == "__main__":
