@@ -70,6 +70,9 @@ same seed, same training bytes, the same held-out text and the same causal patch
 2qw64kh. (``--rows ...,2qw64kh``) row 2qw64k with twice the local learning rate (2e-3), the
    global's kept at 1e-4 (multiplier 0.05): is the local side, which the kept rows leave 0.3-1.0
    bits per byte above their bounds, learning as fast as it can?
+2qw64k3. (``--rows ...,2qw64k3``) row 2qw64k with the teacher's term weighted 3 instead of 1: the
+   dense next-byte targets are the only signal that carries the global's whole next-token
+   distribution to the decoder, whose read of the global is what the kept rows lack.
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -125,7 +128,7 @@ SOURCE_CONVERSION = "convert-auto"  # the plain conversion: its directory rebuil
 SPLIT_SEED = 0  # the held-out text: the recipes' validation split under seed 0, whatever the run's seed
 DECODER_SHARE = 0.25  # row 2/4: the share of the budget spent on the decoder stage
 ALL = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
-KEPT_KL = {"2qwk": "2qw", "2qw64k": "2qw64", "2qw64kh": "2qw64"}  # the starting model's row: its recipe + teacher_kl (weight 1)
+KEPT_KL = {"2qwk": "2qw", "2qw64k": "2qw64", "2qw64kh": "2qw64", "2qw64k3": "2qw64"}  # the starting model's row: its recipe + teacher_kl
 WARM = ["local_encoder", "local_decoder", "global"]  # hash tables frozen
 NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2": "warm start (unit_exponent -6) + transplanted global (decoder stage, then end to end; hash tables frozen)",
@@ -150,6 +153,7 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qw64": "row 2qw with 65,536 buckets per n-gram size (--preset warm-kept-64k; the written content kept)",
          "2qw64k": "row 2qw64 + teacher_kl (weight 1): the shipped smollm2-135m recipe",
          "2qw64kh": "row 2qw64k with the local learning rate doubled (2e-3; the global's kept at 1e-4)",
+         "2qw64k3": "row 2qw64k with the teacher_kl term weighted 3",
          "4qw": "row 2qw's conversion (written content kept) + random global, row 2qw's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
@@ -450,6 +454,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else plain_recipe(steps, keep_warm_start=True) if key in ("2qw", "4qw", "2qw64")
                       else plain_recipe(steps, {"global": 0.05}, lr=2e-3, keep_warm_start=True, teacher_kl={"weight": 1.0})
                       if key == "2qw64kh"
+                      else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 3.0}) if key == "2qw64k3"
                       else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 1.0}) if key in KEPT_KL
                       else plain_recipe(steps))
             run = run_recipe(work, tagged(f"{key}-{kb}kb", seed), starts[key], recipe, max(2, steps // 6), seed)
