@@ -559,6 +559,13 @@ def llama_source(cpu: bool):
     return Source()
 
 
+def bench_stage(recipe):
+    """The recipe's end-to-end stage (its long one) as the throughput rows train it: the BLT's
+    step alone (teacher_kl has its own row) with every weight training (random weights have no
+    written content for keep_warm_start to fix)."""
+    return recipe.stages[-1].model_copy(update={"teacher_kl": None, "keep_warm_start": False})
+
+
 def bench_config(cpu: bool):
     """The BltConfig ``byteify convert`` writes for the llama-3.2-1b recipe (its header's
     ``--preset warm-kept-64k --set decoder.num_hidden_layers=6``); tiny in --cpu."""
@@ -634,10 +641,7 @@ class Bench:
         self.dist = Dist(device=self.device)
         over = ["model=unused", "output_dir=unused"] + (["data.seq_len=256"] if self.cpu else [])
         recipe, _ = load_recipe("llama-3.2-1b", over)
-        # end to end, as the recipe's long stage; the BLT's step alone (the teacher has its own row,
-        # and the written entries keep_warm_start fixes cost nothing to measure)
-        self.stage = recipe.stages[-1].model_copy(update={"teacher_kl": None, "keep_warm_start": False})
-        self.run = recipe.run
+        self.stage, self.run = bench_stage(recipe), recipe.run
         self.seq = recipe.data.seq_len
         self.config = bench_config(self.cpu)
         self.warmup, self.timed = (1, 1) if self.cpu else (2, 3)

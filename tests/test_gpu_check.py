@@ -106,7 +106,7 @@ def test_analytic_flops_match_torch_flop_counter_on_the_linear_layers():
     gc = load_script()
     recipe, _ = load_recipe("llama-3.2-1b", ["model=x", "output_dir=y", "data.seq_len=256",
                                              "run.activation_checkpointing=false"])
-    module = build_module(gc.bench_config(cpu=True), recipe.stages[-1], Dist(), recipe.run)
+    module = build_module(gc.bench_config(cpu=True), gc.bench_stage(recipe), Dist(), recipe.run)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in module.parameters():
