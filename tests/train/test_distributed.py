@@ -165,6 +165,29 @@ def test_keep_warm_start_in_two_processes_resumed_in_one(tmp_path):
                        before["model.encoder_hash_tok_embedding.weight"][:, :24])
 
 
+def test_gpu_recipe_shape_in_two_processes_resumed_in_one(tmp_path):
+    """The shipped GPU recipes' shape: a local stage then an end-to-end stage (global at 0.1x),
+    both with keep_warm_start and teacher_kl (one teacher shared by the stages, its head in
+    chunks under FSDP2), on a warm-start conversion; 2 processes stopped inside the second stage
+    and resumed in 1 equal one uninterrupted process (fp32 teacher: exact comparison)."""
+    from helpers import tiny_warm_blt
+
+    blt = tiny_warm_blt(tmp_path / "m", free_dims=8)
+    both = "keep_warm_start: true, teacher_kl: {teacher_dtype: fp32}, steps: 2, batch_bytes: 256, lr: 1e-2"
+    stages = ("data.seq_len=64", f"stages=[{{name: local, train: [local_encoder, hash_embeddings, local_decoder], {both}}}, "
+              f"{{name: e2e, train: [local_encoder, hash_embeddings, local_decoder, global], "
+              f"lr_multipliers: {{global: 0.1}}, {both}}}]")
+    one_process(blt, tmp_path / "ref", *stages)
+    torchrun(blt, tmp_path / "run", *stages, "run.stop_after=3")
+    one_process(blt, tmp_path / "run", *stages, resume="auto")
+    a, b = losses(tmp_path / "ref"), losses(tmp_path / "run")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and [a[s]["stage"] for s in sorted(a)] == ["local"] * 2 + ["e2e"] * 2
+    for s in a:
+        assert abs(a[s]["loss"] - b[s]["loss"]) <= 1e-4, (s, a[s]["loss"], b[s]["loss"])
+        assert a[s]["teacher_kl"] > 0 and abs(a[s]["teacher_kl"] - b[s]["teacher_kl"]) <= 1e-4 * a[s]["teacher_kl"]
+    assert_same_training_state(newest(tmp_path / "ref"), newest(tmp_path / "run"))
+
+
 def test_bf16_teacher_sharded_under_torchrun_gives_the_same_targets(tmp_path):
     """The default bf16 teacher, sharded over 2 processes (computing in bf16 under FSDP2's
     policy), gives one process's teacher KL on the same step within bf16 noise."""
