@@ -227,23 +227,36 @@ def rewrite_tensors(src: Path, out: Path, replace) -> None:
 
 def with_patcher(model: Path, patcher_dir: Path, out: Path) -> Path:
     """``model`` with the entropy model (``model.patcher.*``) and the patching fields of its
-    config taken from ``patcher_dir``."""
-    if (out / "config.json").exists():
-        return out
-    from byteify.modelfiles import SafetensorsDir
+    config taken from ``patcher_dir``, and its calibration record (training refuses entropy
+    patching without one)."""
+    if not (out / "config.json").exists():
+        from byteify.modelfiles import SafetensorsDir
 
-    ck = SafetensorsDir(patcher_dir)
-    rewrite_tensors(model, out, lambda k, v: ck.get(k).to(v.dtype) if k.startswith("model.patcher.") else v)
-    cfg = json.loads((out / "config.json").read_text())
-    src = json.loads((patcher_dir / "config.json").read_text())
-    cfg.update({k: v for k, v in src.items() if k.startswith(("patch", "max_patch"))})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        ck = SafetensorsDir(patcher_dir)
+        rewrite_tensors(model, out, lambda k, v: ck.get(k).to(v.dtype) if k.startswith("model.patcher.") else v)
+        cfg = json.loads((out / "config.json").read_text())
+        src = json.loads((patcher_dir / "config.json").read_text())
+        cfg.update({k: v for k, v in src.items() if k.startswith(("patch", "max_patch"))})
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    carry_calibration(patcher_dir, out)
     return out
+
+
+def carry_calibration(src: Path, out: Path) -> None:
+    """The calibration record(s) of ``src``'s byteify.json into ``out``'s (idempotent; also
+    repairs start directories built before training required them)."""
+    from byteify.modelfiles import read_json, write_json
+
+    meta = read_json(out / "byteify.json")
+    record = {k: v for k, v in read_json(src / "byteify.json").items() if k.startswith("calibration")}
+    if any(meta.get(k) != v for k, v in record.items()):
+        write_json(out / "byteify.json", {**meta, **record})
 
 
 def random_global(start: Path, out: Path, seed: int) -> Path:
     """The same model with the global transformer re-initialised (transformers' BLT init)."""
     if (out / "config.json").exists():
+        carry_calibration(start, out)
         return out
     from transformers import AutoConfig, BltForCausalLM
 

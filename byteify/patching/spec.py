@@ -7,8 +7,9 @@ model's ``config.json``: entropy patching with ``patching_threshold`` (or, after
 ``byteify calibrate --monotonic``, byteify's ``patching_monotonic_threshold``) and
 ``max_patch_length`` when ``patch_in_forward`` and ``patching_mode: entropy``; otherwise static
 patches of the config's ``patch_size``.  A threshold that ``byteify calibrate`` never set is
-BLT's default (:data:`BLT_DEFAULT_THRESHOLD`); ``eval`` notes it.  ``generate`` needs entropy
-patching (its cache decides patches byte by byte), so it refuses a model without an entropy model.
+BLT's default (:data:`BLT_DEFAULT_THRESHOLD`); ``eval`` notes it, and ``train`` refuses to learn
+from such patches (:func:`require_calibrated`).  ``generate`` needs entropy patching (its cache
+decides patches byte by byte), so it refuses a model without an entropy model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..errors import ByteifyError
 from ..schema import Strict
 
 MODES = ("static", "entropy", "space", "source_tokens", "byte")
@@ -58,3 +60,14 @@ def config_threshold(config, monotonic: bool = False) -> float | None:
     if monotonic:
         return getattr(config, "patching_monotonic_threshold", None)
     return getattr(config, "patching_threshold", None)
+
+
+def require_calibrated(spec: PatchingSpec, meta: dict, model: str, stage: str) -> None:
+    """Refuse to *train* on entropy patches from an entropy model no calibration has touched (a
+    fresh conversion's: random weights under BLT's default threshold, so patch lengths are noise
+    and the run learns from them); an explicit ``threshold`` is the user's say-so."""
+    if spec.mode == "entropy" and spec.threshold is None and calibration_record(meta)[0] is None:
+        raise ByteifyError(f"stage '{stage}': entropy patching with {model}, whose entropy model was never trained "
+                           "and calibrated (byteify.json has no calibration); train it first with 'byteify train "
+                           f"entropy-model model={model} output_dir=...' and start from that run, or set "
+                           "patching.threshold (or patching.mode=static)")

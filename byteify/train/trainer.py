@@ -28,7 +28,7 @@ from ..errors import ByteifyError
 from ..modelfiles import read_json, write_json
 from ..parts import PARTS
 from ..patching.patchers import build_patcher
-from ..patching.spec import default_patching
+from ..patching.spec import default_patching, require_calibrated
 from ..resolve import Location, locate
 from . import checkpoints as ckpt
 from .distributed import Dist, setup_distributed
@@ -79,6 +79,9 @@ class Trainer:
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(str(self.location.config_dir))
+        for stage in r.stages:  # before anything is written
+            if stage.train != ["entropy_model"]:
+                require_calibrated(self.stage_patching(stage), self.location.metadata, start, stage.name)
         self.carried = None  # the weights the next stage starts from (None: the starting model's)
         torch.manual_seed(r.seed)
         self.val_rows, self.holdout = self._validation()  # also checks every source: bad data fails before any write
@@ -152,11 +155,15 @@ class Trainer:
 
     def stage_context(self, index: int, module) -> StageContext:
         r, stage = self.recipe, self.recipe.stages[index]
-        spec = r.stage_patching(stage) or default_patching(self.config, self.location.metadata)
-        patcher = None if stage.train == ["entropy_model"] else build_patcher(spec, module.blt, model_dir=self.location)
+        patcher = None if stage.train == ["entropy_model"] else build_patcher(self.stage_patching(stage), module.blt,
+                                                                              model_dir=self.location)
         return StageContext(recipe=r, stage=stage, index=index, module=module, dist=self.dist, location=self.location,
                             sources=r.data.sources, holdout=self.holdout, val_rows=self.val_rows, patcher=patcher,
                             micro_batch=self._micro_batch(stage), shared=self.shared, autocast=self._autocast)
+
+    def stage_patching(self, stage: StageSpec):
+        """The stage's patching spec: its own, the recipe's, else the model's default."""
+        return self.recipe.stage_patching(stage) or default_patching(self.config, self.location.metadata)
 
     def runner(self, ctx: StageContext):
         if ctx.stage.distill is not None:

@@ -1,5 +1,6 @@
 """Distributed runs under ``torchrun --nproc-per-node 2`` on CPU/gloo (standing in for NCCL):
-multi-stage recipes (plain, LoRA, distillation) equal one process; checkpoints written by 2
+multi-stage recipes (plain, LoRA, distillation) equal one process; an entropy-model stage and its
+calibration give one process's threshold; checkpoints written by 2
 processes resume in 1 and the other way round, at a stage boundary and mid-stage, with weights
 *and* optimizer moments equal to the uninterrupted run; SIGTERM to one rank stops every rank at
 the same step with one consistent checkpoint; a SIGKILL during a save leaves the previous
@@ -91,6 +92,26 @@ def test_two_stage_run_in_two_processes_equals_one_process(tiny_converted, tmp_p
             assert abs(a[s]["val_bpb"] - b[s]["val_bpb"]) <= 1e-4
     assert_same_training_state(newest(one), newest(two))
     assert (newest(two) / "model" / "model.safetensors").exists()  # consolidated at the end of the stage
+
+
+ENTROPY_STAGE = ("stages=[{name: e, train: [entropy_model], steps: 3, batch_bytes: 1024, lr: 3e-3, warmup_steps: 1}]",
+                 "calibration={target_bytes_per_patch: 4.0, max_bytes: 2048}")
+
+
+def test_entropy_model_stage_and_calibration_under_torchrun(tiny_converted, tmp_path):
+    """The GPU recipes' first command (the entropy-model recipe's shape): trained in two
+    processes, calibrated once by the main process, the same threshold as one process; the run
+    then serves as the start of an entropy-patched stage (which a fresh conversion is refused)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    a = one_process(tiny_converted, one, *ENTROPY_STAGE)["calibration"]
+    torchrun(tiny_converted, two, *ENTROPY_STAGE)
+    rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    b = [r["calibration"] for r in rows if "calibration" in r]  # written once, by the main process
+    assert len(b) == 1 and abs(a["threshold"] - b[0]["threshold"]) <= 1e-4, (a, b)
+    meta = json.loads((newest(two) / "model" / "byteify.json").read_text())
+    assert meta["calibration"]["threshold"] == pytest.approx(b[0]["threshold"])
+    s = one_process(two, tmp_path / "next", "patching.mode=entropy", "stages.0.steps=1", "stages.0.warmup_steps=0")
+    assert s["steps"] == 1
 
 
 @pytest.mark.parametrize("chain", [

@@ -340,3 +340,17 @@ def test_split_seed_keeps_the_held_out_text_across_run_seeds(tiny_converted, tmp
     assert split0 != split1 and not torch.equal(rows0, rows1)  # by default the split follows the run's seed
     rows_fixed, split_fixed = validation("seed=1", "data.split_seed=0")
     assert split_fixed == split0 and torch.equal(rows_fixed, rows0)
+
+
+def test_entropy_patching_from_an_untrained_entropy_model_is_refused_before_any_write(tiny_converted, tmp_path):
+    """A fresh conversion's entropy model is random under BLT's default threshold: training on
+    its patches is refused with the command that fixes it, and nothing is written; an explicit
+    threshold is the user's say-so."""
+    out = tmp_path / "r"
+    with pytest.raises(ByteifyError, match=r"stage 'adapt': entropy patching with .* never trained and calibrated.*"
+                                           r"byteify train entropy-model model="):
+        run(tiny_converted, out, "patching.mode=entropy", "stages.0.steps=1", "stages.0.warmup_steps=0")
+    assert not out.exists()
+    s = run(tiny_converted, out, "patching.mode=entropy", "patching.threshold=1.0", "stages.0.steps=1",
+            "stages.0.warmup_steps=0")
+    assert s["steps"] == 1
