@@ -3,6 +3,8 @@ with one line naming the key, and exit code 2."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -61,11 +63,12 @@ def test_shipped_recipes_start_with_runnable_commands():
     assert names == {"tiny-cpu", "smollm2-135m", "entropy-model", "llama-3.2-1b", "llama-3.1-8b"}
     for name, path in shipped_recipes().items():
         text = path.read_text()
-        header = text.split("\n\n")[0] if not text.startswith("#") else "\n".join(
-            line for line in text.splitlines()[:15] if line.startswith("#"))
+        header = "\n".join(itertools.takewhile(lambda line: line.startswith("#"), text.splitlines()))
         assert "byteify train" in header or "torchrun" in header, name
-        load_recipe(str(path))  # valid as shipped
+        recipe, _ = load_recipe(str(path))  # valid as shipped
         assert yaml.safe_load(text)["stages"]
+        if recipe.patching is not None and recipe.patching.mode == "entropy":  # training needs a calibrated patcher:
+            assert f"output_dir={recipe.model}" in header, name  # the header's entropy-model run makes `model`
 
 
 def test_recipes_ls_and_cp(tmp_path):
