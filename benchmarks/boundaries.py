@@ -79,9 +79,8 @@ def main() -> None:
         model, cfg = load_entropy_model(out)
         starts = torch.cat([EntropyPatcher(model, cfg.patching_threshold).starts(c) for c in ids.split(8)])
         rows.append((f"{name}, calibrated (threshold {cfg.patching_threshold:.2f})", starts, time.perf_counter() - t))
-    for name, starts, secs in [] if args.shipped_only else baselines(ids, tok):
-        rows.append((name, starts, secs))
     source = SourceTokenPatcher(tok)
+    rows += [] if args.shipped_only else baselines(ids, source)
     n_bytes, n_tokens = patch_stats(ids, source.starts(ids))[:2]
     print(f"Causal patchers vs SmolLM2's token starts on {ids.numel() // 1024} KB of held-out text "
           f"({n_bytes / n_tokens:.2f} bytes/token), entropy models trained {args.steps} steps x 8 KB:\n")
@@ -94,16 +93,16 @@ def main() -> None:
               + (f"{secs:.0f} |" if secs is not None else "- |"))
 
 
-def baselines(ids: torch.Tensor, tok) -> list:
-    """The non-neural patchers: count tables over the previous 3 and 4 bytes, static 4-byte patches."""
+def baselines(ids: torch.Tensor, source) -> list:
+    """The non-neural patchers: count tables over the previous 3 and 4 bytes (fitted to
+    ``source``'s token starts), static 4-byte patches."""
     from byteify.data.streams import ByteBatches, decide_holdout
-    from byteify.patching.patchers import SourceTokenPatcher, StaticPatcher
+    from byteify.patching.patchers import StaticPatcher
 
     rows = []
     holdout = decide_holdout(["default"], 0.05, 0)
     train = ByteBatches(["default"], 512, 8, seed=7, holdout=holdout)
     train_ids = torch.cat([next(train)["input_ids"] for _ in range(32)])
-    source = SourceTokenPatcher(tok)
     truth_train = torch.cat([source.starts(c) for c in train_ids.split(64)])
     for k in (3, 4):
         rows.append((f"count table over the previous {k} bytes (fitted on {train_ids.numel() // 1024} KB)",

@@ -367,11 +367,11 @@ def _patching_spec(config, meta: dict, patching: str | None, patch_size: int, th
                    notes: list[str]):
     """The patching to evaluate with: the model's default (a note when it is entropy patching with
     an uncalibrated threshold), or ``patching`` with ``patch_size``; ``threshold`` overrides."""
-    from .patching.spec import MODES, PatchingSpec, calibration_record, default_patching
+    from .patching.spec import MODES, PatchingSpec, default_patching, uncalibrated
 
     if patching is None:
         spec = default_patching(config, meta)
-        if spec.mode == "entropy" and threshold is None and calibration_record(meta)[0] is None:
+        if threshold is None and uncalibrated(spec, meta):
             notes.append(f"patching: entropy with the config's uncalibrated threshold {config.patching_threshold:.4f} "
                          "(BLT's default; run 'byteify calibrate', or pass --patching static)")
     elif patching not in MODES:

@@ -62,11 +62,17 @@ def config_threshold(config, monotonic: bool = False) -> float | None:
     return getattr(config, "patching_threshold", None)
 
 
+def uncalibrated(spec: PatchingSpec, meta: dict) -> bool:
+    """Entropy patching under the config's threshold where no calibration was ever recorded (a
+    fresh conversion's: BLT's default threshold over a random entropy model); an explicit
+    ``threshold`` in the spec is the user's say-so."""
+    return spec.mode == "entropy" and spec.threshold is None and calibration_record(meta)[0] is None
+
+
 def require_calibrated(spec: PatchingSpec, meta: dict, model: str, stage: str) -> None:
-    """Refuse to *train* on entropy patches from an entropy model no calibration has touched (a
-    fresh conversion's: random weights under BLT's default threshold, so patch lengths are noise
-    and the run learns from them); an explicit ``threshold`` is the user's say-so."""
-    if spec.mode == "entropy" and spec.threshold is None and calibration_record(meta)[0] is None:
+    """Refuse to *train* on :func:`uncalibrated` entropy patches (their lengths are noise and the
+    run would learn from them); ``eval`` only notes them."""
+    if uncalibrated(spec, meta):
         raise ByteifyError(f"stage '{stage}': entropy patching with {model}, whose entropy model was never trained "
                            "and calibrated (byteify.json has no calibration); train it first with 'byteify train "
                            f"entropy-model model={model} output_dir=...' and start from that run, or set "
