@@ -73,6 +73,12 @@ same seed, same training bytes, the same held-out text and the same causal patch
 2qw64k3. (``--rows ...,2qw64k3``) row 2qw64k with the teacher's term weighted 3 instead of 1: the
    dense next-byte targets are the only signal that carries the global's whole next-token
    distribution to the decoder, whose read of the global is what the kept rows lack.
+2qw64kd8. (``--rows ...,2qw64kd8``) row 2qw64k with an 8-layer local decoder instead of 4 (its
+   conversion with ``decoder.num_hidden_layers=8``): the kept rows learn the decoder from ~1.5 MB,
+   a data-limited regime, where a larger network learns more per byte seen.
+2qw64kg0. (``--rows ...,2qw64kg0``) row 2qw64k with the transplanted global frozen (``train``
+   without ``global``): under ``keep_warm_start`` its input is the converted patch vectors, so the
+   question is whether fine-tuning it at 1/10 of the local rate helps the decoder or disturbs it.
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -133,7 +139,8 @@ SOURCE_CONVERSION = "convert-auto"  # the plain conversion: its directory rebuil
 SPLIT_SEED = 0  # the held-out text: the recipes' validation split under seed 0, whatever the run's seed
 DECODER_SHARE = 0.25  # row 2/4: the share of the budget spent on the decoder stage
 ALL = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
-KEPT_KL = {"2qwk": "2qw", "2qw64k": "2qw64", "2qw64kh": "2qw64", "2qw64k3": "2qw64"}  # the starting model's row: its recipe + teacher_kl
+KEPT_KL = {"2qwk": "2qw", "2qw64k": "2qw64", "2qw64kh": "2qw64", "2qw64k3": "2qw64", "2qw64kd8": "2qw64d8",
+           "2qw64kg0": "2qw64"}  # the starting model's row: its recipe + teacher_kl
 WARM = ["local_encoder", "local_decoder", "global"]  # hash tables frozen
 NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2": "warm start (unit_exponent -6) + transplanted global (decoder stage, then end to end; hash tables frozen)",
@@ -159,6 +166,8 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qw64k": "row 2qw64 + teacher_kl (weight 1): the shipped smollm2-135m recipe",
          "2qw64kh": "row 2qw64k with the local learning rate doubled (2e-3; the global's kept at 1e-4)",
          "2qw64k3": "row 2qw64k with the teacher_kl term weighted 3",
+         "2qw64kd8": "row 2qw64k with an 8-layer local decoder (4 in every other row)",
+         "2qw64kg0": "row 2qw64k with the transplanted global frozen",
          "4qw": "row 2qw's conversion (written content kept) + random global, row 2qw's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
@@ -444,6 +453,8 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2q": WARM_16K, "2qd": WARM_16K, "2ql": WARM_16K, "2qk": WARM_16K, "2qn": WARM_16K, "2qx": WARM_16K,  # one conversion, six recipes
                 "2qw": ("convert-warm-16k-free128", *WARM_16K[1:], "vocab_warm_start.free_dims=128"),
                 "2qw64": ("convert-warm-64k-free128", WARM_16K[1], "hash.vocab_size=65536", "vocab_warm_start.free_dims=128"),
+                "2qw64d8": ("convert-warm-64k-free128-dec8", WARM_16K[1], "hash.vocab_size=65536",
+                            "vocab_warm_start.free_dims=128", "decoder.num_hidden_layers=8"),
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     needed = set(rows) | ({"2q"} if "4q" in rows else set()) | ({"2qw"} if "4qw" in rows else set()) | {KEPT_KL[r] for r in rows if r in KEPT_KL}  # 4q(w), KEPT_KL rows: another row's start
     for key, (name, *options) in variants.items():
@@ -481,6 +492,8 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else plain_recipe(steps, {"global": 0.05}, lr=2e-3, keep_warm_start=True, teacher_kl={"weight": 1.0})
                       if key == "2qw64kh"
                       else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 3.0}) if key == "2qw64k3"
+                      else [{**plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 1.0})[0], "train": ALL[:3]}]
+                      if key == "2qw64kg0"
                       else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 1.0}) if key in KEPT_KL
                       else plain_recipe(steps))
             run = run_recipe(work, tagged(f"{key}-{kb}kb", seed), starts[key], recipe, max(2, steps // 6), seed)

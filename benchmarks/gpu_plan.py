@@ -60,7 +60,8 @@ def recipe_overrides(preset: str) -> list[str]:
 def config_only_conversion(name: str, root: Path, preset: str = "auto") -> Path:
     """A directory with the configs ``byteify convert --preset PRESET`` writes for the recipe's
     source (the BLT's, and the source's in ``byteify_source/``) and no weights (the dry run builds
-    the model, and a distilling stage's teacher, on the meta device)."""
+    the model, and a distilling stage's teacher, on the meta device), standing for the entropy-model
+    run the recipe's header starts from (its calibration record; BLT's default threshold)."""
     from transformers import LlamaConfig
 
     from byteify.convert.presets import load_spec
@@ -77,7 +78,8 @@ def config_only_conversion(name: str, root: Path, preset: str = "auto") -> Path:
     config.save_pretrained(str(out))
     source_config.save_pretrained(str(out / SIDE_DIR))  # the teacher's shape, for stages that distil
     (out / "model.safetensors").write_bytes(b"")
-    meta = {"source_bytes_per_token": BYTES_PER_TOKEN}
+    meta = {"source_bytes_per_token": BYTES_PER_TOKEN,
+            "calibration": {"threshold": config.patching_threshold, "monotonic": False, "target_bytes_per_patch": BYTES_PER_TOKEN}}
     if spec.vocab_warm_start.enabled:  # what keep_warm_start stages check before they run
         meta["vocab_warm_start"] = {"free_dims": spec.vocab_warm_start.free_dims}
     (out / "byteify.json").write_text(json.dumps(meta))

@@ -13,7 +13,6 @@ from ..parts import PARTS
 from ..resolve import locate
 from .model import apply_stage, param_counts
 from .recipe import Recipe, parts_for
-from .written import check_stages
 
 
 def teacher_shape(loc, stage):
@@ -38,8 +37,8 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str
     from .budget import budget_lines, stage_budget
 
     loc = locate(recipe.model)
-    check_stages(recipe.stages, loc.metadata)
     config = AutoConfig.from_pretrained(str(loc.config_dir))
+    recipe.check_start(config, loc.metadata, recipe.model)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     patch_bytes = float(loc.metadata.get("source_bytes_per_token") or 4.5)
     lines = [f"model: {recipe.model}", f"output_dir: {recipe.output_dir}",
@@ -52,18 +51,18 @@ def plan(recipe: Recipe, world: int | None = None, gpu_gib: float = 80.0) -> str
         if (seqs // stage.grad_accum) % world:
             raise ByteifyError(f"stage '{stage.name}': {seqs // stage.grad_accum} sequences per micro-step do not split "
                                f"over {world} processes")
-        p = recipe.stage_patching(stage)
+        p = recipe.patching_for(stage, config, loc.metadata)
         lines.append(f"\nstage '{stage.name}': {stage.steps} steps x {stage.batch_bytes:,} bytes/step "
                      f"= {stage.steps * stage.batch_bytes:,} bytes; micro-batch {seqs // stage.grad_accum} seq x "
                      f"{stage.grad_accum} accum; lr {stage.lr:g} ({stage.schedule}, warmup {stage.warmup_steps}); "
-                     f"patching {p.mode if p else 'the model default'}" + (f"; LoRA r={stage.lora.rank}" if stage.lora else ""))
+                     f"patching {p.mode}" + (f"; LoRA r={stage.lora.rank}" if stage.lora else ""))
         lines.append(f"  {'part':<16}{'trainable':>14}{'frozen':>14}{'lr':>11}")
         mults = parts_for(stage)
         for part in PARTS:
             c = counts[part]
             lr = f"{stage.lr * mults[part]:.2e}" if part in mults else "-"
             lines.append(f"  {part:<16}{c['trainable']:>14,}{c['frozen']:>14,}{lr:>11}")
-        size = p.patch_size if p is not None and p.mode == "static" else patch_bytes
+        size = p.patch_size if p.mode == "static" else patch_bytes
         teacher = teacher_shape(loc, stage) if stage.teacher_dtype else None
         budget = stage_budget(config, counts, stage, recipe.data.seq_len, world, size, teacher)
         lines += budget_lines(budget, recipe.run.activation_checkpointing, gpu_gib)

@@ -19,9 +19,10 @@ from pydantic import Field, model_validator
 from ..data.readers import SourceSpec
 from ..errors import ByteifyError
 from ..parts import PARTS
-from ..patching.spec import PatchingSpec
+from ..patching.spec import PatchingSpec, default_patching, require_calibrated
 from ..schema import Strict as _Strict
 from ..schema import apply_overrides, load_yaml_mapping, validate
+from .written import check_stages
 
 Part = Literal["local_encoder", "hash_embeddings", "local_decoder", "global", "entropy_model"]
 
@@ -223,6 +224,20 @@ class Recipe(_Strict):
     def stage_patching(self, stage: StageSpec) -> PatchingSpec | None:
         """The stage's patching, else the recipe's; None: the model's default."""
         return stage.patching or self.patching
+
+    def patching_for(self, stage: StageSpec, config, metadata: dict) -> PatchingSpec:
+        """The patching ``stage`` runs under on a model with this ``config`` and byteify.json
+        ``metadata``: :meth:`stage_patching`, else the model's default."""
+        return self.stage_patching(stage) or default_patching(config, metadata)
+
+    def check_start(self, config, metadata: dict, model: str) -> None:
+        """What the stages ask of the starting ``model``, refused before anything runs or is written
+        (``train`` and ``train --dry-run`` alike): ``keep_warm_start`` on a model without free
+        coordinates, and byte stages on entropy patches nobody calibrated."""
+        check_stages(self.stages, metadata)
+        for stage in self.stages:
+            if stage.train != ["entropy_model"]:
+                require_calibrated(self.patching_for(stage, config, metadata), metadata, model, stage.name)
 
 
 def recipe_dir():

@@ -28,7 +28,6 @@ from ..errors import ByteifyError
 from ..modelfiles import read_json, write_json
 from ..parts import PARTS
 from ..patching.patchers import build_patcher
-from ..patching.spec import default_patching, require_calibrated
 from ..resolve import Location, locate
 from . import checkpoints as ckpt
 from .distributed import Dist, setup_distributed
@@ -36,7 +35,7 @@ from .model import build_module, carried_weights, load_weights, param_counts
 from .optim import build_optimizer, build_scheduler, lr_lambda
 from .recipe import Recipe, StageSpec
 from .stages import LN2, ByteStage, StageContext, StepResult
-from .written import check_stages, keep_written
+from .written import keep_written
 
 TRAINING_META = "training"  # byteify.json key of a checkpoint's model directory
 
@@ -74,14 +73,11 @@ class Trainer:
                 self.log(f"resuming from {self.resume_from} (stage '{self.state['stage_name']}', "
                          f"step {self.state['global_step']}, written by {self.state.get('world_size', 1)} process(es))")
         self.location: Location = locate(start)  # a model dir, checkpoint or run: the weights the run started from
-        check_stages(r.stages, self.location.metadata)
         self.state["base_model_dir"] = str(self.location.config_dir)
         from transformers import AutoConfig
 
         self.config = AutoConfig.from_pretrained(str(self.location.config_dir))
-        for stage in r.stages:  # before anything is written
-            if stage.train != ["entropy_model"]:
-                require_calibrated(self.stage_patching(stage), self.location.metadata, start, stage.name)
+        r.check_start(self.config, self.location.metadata, start)  # before anything is written
         self.carried = None  # the weights the next stage starts from (None: the starting model's)
         torch.manual_seed(r.seed)
         self.val_rows, self.holdout = self._validation()  # also checks every source: bad data fails before any write
@@ -163,7 +159,7 @@ class Trainer:
 
     def stage_patching(self, stage: StageSpec):
         """The stage's patching spec: its own, the recipe's, else the model's default."""
-        return self.recipe.stage_patching(stage) or default_patching(self.config, self.location.metadata)
+        return self.recipe.patching_for(stage, self.config, self.location.metadata)
 
     def runner(self, ctx: StageContext):
         if ctx.stage.distill is not None:

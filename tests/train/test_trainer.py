@@ -231,12 +231,17 @@ def test_sigterm_saves_checkpoint_and_exits_130(tiny_converted, tmp_path):
     ("llama-3.2-1b", False, WITHOUT_WARM_START), ("llama-3.1-8b", False, WITHOUT_WARM_START)])  # the headers' alternative
 def test_every_shipped_recipe_passes_dry_run(tiny_converted, tiny_warm, name, warm, overrides, tmp_path):
     """Each shipped recipe on the conversion its header names (``warm``: the vocabulary warm start
-    with free coordinates, which keep_warm_start needs)."""
+    with free coordinates, which keep_warm_start needs), after the entropy-model run the headers
+    start from (a calibration record: the dry run refuses entropy patches nobody calibrated)."""
     from typer.testing import CliRunner
 
     import byteify.cli as cli
+    from byteify.modelfiles import read_json, write_json
 
-    model = tiny_warm if warm else tiny_converted
+    model = tmp_path / "entropy-run"
+    shutil.copytree(tiny_warm if warm else tiny_converted, model)
+    meta = read_json(model / "byteify.json")
+    write_json(model / "byteify.json", {**meta, "calibration": {"threshold": 2.0, "monotonic": False, "target_bytes_per_patch": 4.0}})
     res = CliRunner().invoke(cli.app, ["train", name, f"model={model}", f"output_dir={tmp_path / 'r'}", *overrides, "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "trainable" in res.output and "per-GPU estimate" in res.output
@@ -345,8 +350,16 @@ def test_split_seed_keeps_the_held_out_text_across_run_seeds(tiny_converted, tmp
 def test_entropy_patching_from_an_untrained_entropy_model_is_refused_before_any_write(tiny_converted, tmp_path):
     """A fresh conversion's entropy model is random under BLT's default threshold: training on
     its patches is refused with the command that fixes it, and nothing is written; an explicit
-    threshold is the user's say-so."""
+    threshold is the user's say-so.  The dry run refuses it the same way."""
+    from typer.testing import CliRunner
+
+    import byteify.cli as cli
+
     out = tmp_path / "r"
+    res = CliRunner().invoke(cli.app, ["train", "tiny-cpu", f"model={tiny_converted}", f"output_dir={out}",
+                                       "patching.mode=entropy", "--dry-run"])
+    assert res.exit_code == 2 and "stage 'adapt': entropy patching with" in res.output, res.output
+    assert "never trained and calibrated" in res.output and not out.exists()
     with pytest.raises(ByteifyError, match=r"stage 'adapt': entropy patching with .* never trained and calibrated.*"
                                            r"byteify train entropy-model model="):
         run(tiny_converted, out, "patching.mode=entropy", "stages.0.steps=1", "stages.0.warmup_steps=0")
