@@ -101,8 +101,13 @@ ENTROPY_STAGE = ("stages=[{name: e, train: [entropy_model], steps: 3, batch_byte
 def test_entropy_model_stage_and_calibration_under_torchrun(tiny_converted, tmp_path):
     """The GPU recipes' first command (the entropy-model recipe's shape): trained in two
     processes, calibrated once by the main process, the same threshold as one process; the run
-    then serves as the start of an entropy-patched stage (which a fresh conversion is refused)."""
+    then serves as the start of an entropy-patched stage, which a fresh conversion is refused: in
+    two processes too, by every rank before anything is written (no rank left waiting)."""
     one, two = tmp_path / "one", tmp_path / "two"
+    refused = torchrun(tiny_converted, tmp_path / "refused", "patching.mode=entropy", wait=False)
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode != 0 and err.count("never trained and calibrated") >= 2, err[-3000:]
+    assert not (tmp_path / "refused").exists()
     a = one_process(tiny_converted, one, *ENTROPY_STAGE)["calibration"]
     torchrun(tiny_converted, two, *ENTROPY_STAGE)
     rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
