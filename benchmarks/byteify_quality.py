@@ -79,6 +79,12 @@ same seed, same training bytes, the same held-out text and the same causal patch
 2qw64kg0. (``--rows ...,2qw64kg0``) row 2qw64k with the transplanted global frozen (``train``
    without ``global``): under ``keep_warm_start`` its input is the converted patch vectors, so the
    question is whether fine-tuning it at 1/10 of the local rate helps the decoder or disturbs it.
+2qw64ks. (``--rows ...,2qw64ks``) row 2qw64k on the spelling warm start
+   (``vocab_warm_start.spelling``, :mod:`byteify.convert.spelling`): the free coordinates carry each
+   written token's next-byte distribution under the source vocabulary instead of random codes, and
+   the decoder starts as an identity whose LM head reads them, so the model predicts bytes at step 0.
+2qw64kgh. (``--rows ...,2qw64kgh``) row 2qw64k with the global at 0.3x the local learning rate
+   instead of 0.1x (3e-4): row 2qw64kg0 (frozen) fell behind, so does a faster global help?
 
 The causal patcher: the entropy model is trained once (the shipped ``entropy-model`` recipe: a
 byte LM that also learns the source tokenizer's boundaries, threshold calibrated to the source's
@@ -140,7 +146,7 @@ SPLIT_SEED = 0  # the held-out text: the recipes' validation split under seed 0,
 DECODER_SHARE = 0.25  # row 2/4: the share of the budget spent on the decoder stage
 ALL = ["local_encoder", "hash_embeddings", "local_decoder", "global"]
 KEPT_KL = {"2qwk": "2qw", "2qw64k": "2qw64", "2qw64kh": "2qw64", "2qw64k3": "2qw64", "2qw64kd8": "2qw64d8",
-           "2qw64kg0": "2qw64"}  # the starting model's row: its recipe + teacher_kl
+           "2qw64kg0": "2qw64", "2qw64kgh": "2qw64", "2qw64ks": "2qw64s"}  # the starting model's row: its recipe + teacher_kl
 WARM = ["local_encoder", "local_decoder", "global"]  # hash tables frozen
 NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2": "warm start (unit_exponent -6) + transplanted global (decoder stage, then end to end; hash tables frozen)",
@@ -168,6 +174,8 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qw64k3": "row 2qw64k with the teacher_kl term weighted 3",
          "2qw64kd8": "row 2qw64k with an 8-layer local decoder (4 in every other row)",
          "2qw64kg0": "row 2qw64k with the transplanted global frozen",
+         "2qw64ks": "row 2qw64k on the spelling warm start (the vocabulary's next-byte distributions in the free coordinates, read by the decoder from step 0)",
+         "2qw64kgh": "row 2qw64k with the global at 0.3x the local learning rate (3e-4; 0.1x in every other row)",
          "4qw": "row 2qw's conversion (written content kept) + random global, row 2qw's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
@@ -455,6 +463,8 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2qw64": ("convert-warm-64k-free128", WARM_16K[1], "hash.vocab_size=65536", "vocab_warm_start.free_dims=128"),
                 "2qw64d8": ("convert-warm-64k-free128-dec8", WARM_16K[1], "hash.vocab_size=65536",
                             "vocab_warm_start.free_dims=128", "decoder.num_hidden_layers=8"),
+                "2qw64s": ("convert-warm-64k-spell", WARM_16K[1], "hash.vocab_size=65536", "vocab_warm_start.free_dims=128",
+                           "vocab_warm_start.spelling=true"),
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
     needed = set(rows) | ({"2q"} if "4q" in rows else set()) | ({"2qw"} if "4qw" in rows else set()) | {KEPT_KL[r] for r in rows if r in KEPT_KL}  # 4q(w), KEPT_KL rows: another row's start
     for key, (name, *options) in variants.items():
@@ -494,6 +504,8 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                       else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 3.0}) if key == "2qw64k3"
                       else [{**plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 1.0})[0], "train": ALL[:3]}]
                       if key == "2qw64kg0"
+                      else plain_recipe(steps, {"global": 0.3}, keep_warm_start=True, teacher_kl={"weight": 1.0})
+                      if key == "2qw64kgh"
                       else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 1.0}) if key in KEPT_KL
                       else plain_recipe(steps))
             run = run_recipe(work, tagged(f"{key}-{kb}kb", seed), starts[key], recipe, max(2, steps // 6), seed)

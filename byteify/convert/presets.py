@@ -87,6 +87,10 @@ class WarmStartSpec(_Strict):
     # they read the byte states' content, not the length offsets (~10x larger) the encoder leaves;
     # measured no better on SmolLM2 (benchmarks/byteify_quality.py row 2b), so off by default
     decoder_ignores_offset: bool = False
+    # the free coordinates hold each written token's next-byte distribution under the vocabulary
+    # (byteify.convert.spelling) instead of random codes, and the decoder starts as an identity
+    # whose LM head reads them: the converted model predicts bytes at step 0 (needs free_dims >= 2)
+    spelling: bool = False
 
 
 class ArchitectureSpec(_Strict):

@@ -119,6 +119,8 @@ class WarmStart:
     centred: list[str] = field(default_factory=list)  # decoder weights whose rows get their mean removed
     free: int = 0  # the last ``free`` coordinates: random n-gram features (``free_dims``)
     seed: int = 0
+    free_entries: torch.Tensor | None = None  # [M, free] the written rows' free coordinates (``spelling``; else random)
+    decoder: dict = field(default_factory=dict)  # decoder tensor name -> value (None: zeros) (``spelling``)
 
     def _free_features(self, rows: int, gen: torch.Generator) -> torch.Tensor:
         """``rows`` random feature rows, drawn as a fresh hash table is (``fresh_parts``)."""
@@ -132,6 +134,7 @@ class WarmStart:
         out = {BYTE_EMBEDDING: self.byte_embeddings, PATCH_PROJECTION: self.projection}
         for name in self.zeroed:
             out[name] = None  # zeros of the fresh tensor's shape
+        out.update(self.decoder)
         return out
 
     def table_chunks(self, total_rows: int, dtype: torch.dtype, rows: int = 8192):
@@ -143,11 +146,13 @@ class WarmStart:
         for start in range(0, total_rows, rows):
             stop = min(total_rows, start + rows)
             block = torch.zeros(stop - start, d, dtype=dtype)
-            if self.free:
+            if self.free and self.free_entries is None:
                 block[:, d - self.free:] = self._free_features(stop - start, gen).to(dtype)
             hi = int(torch.searchsorted(self.rows, stop))
             if hi > lo:
                 block[self.rows[lo:hi] - start] = self.entries[lo:hi].to(dtype)
+                if self.free_entries is not None:
+                    block[self.rows[lo:hi] - start, d - self.free:] = self.free_entries[lo:hi].to(dtype)
             lo = hi
             yield block
 
@@ -354,6 +359,8 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     ``keep_token_vectors``: also return every token's F(v) (tests, diagnostics).  ``documents``:
     the text of ``noise_ratio``'s bucket traffic (None: :func:`training_documents`)."""
     check_applicable(config)
+    if spec.spelling and spec.free_dims < 2:
+        raise ByteifyError(f"vocab_warm_start.spelling: needs free_dims >= 2 (codes and a constant), got {spec.free_dims}")
     d, k = config.encoder_config.hidden_size, config.cross_attn_k
     sizes = list(config.encoder_hash_byte_group_size)
     layout = _HashLayout(sizes=sizes, buckets=config.encoder_hash_byte_group_vocab,
@@ -397,10 +404,35 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
                    zeroed=encoder_zeroed(config), owners=owners, stats=stats, token_vectors=token_vectors,
                    centred=decoder_readers(config) if spec.decoder_ignores_offset else [],
                    free=free, seed=seed)
-    if free:  # the bytes' features from their own generator, the table's in table_chunks
+    if spec.spelling:  # the vocabulary's next-byte distributions for the decoder (byteify.convert.spelling)
+        _write_spelling(ws, config, layout, token_bytes, priority, stats)
+    elif free:  # the bytes' features from their own generator, the table's in table_chunks
         ws.byte_embeddings[:, d - free:] = ws._free_features(VOCAB_SIZE, torch.Generator().manual_seed(seed + 3))
     stats["free_dims"] = free
     return ws
+
+
+def _write_spelling(ws: WarmStart, config, layout, token_bytes, priority: list[float], stats: dict) -> None:
+    """``spelling``: the free coordinates hold telescoped codes of each token's next-byte
+    distribution and a constant; the decoder starts as an identity whose LM head reads them."""
+    from . import spelling
+
+    d, free = ws.byte_embeddings.shape[1], ws.free
+    weights = torch.zeros(len(token_bytes), dtype=torch.float64)
+    n = min(len(priority), len(token_bytes))
+    weights[:n] = torch.tensor(priority[:n], dtype=torch.float64) + 1.0
+    weights[torch.tensor([not b for b in token_bytes])] = 0.0
+    logprobs = spelling.next_byte_logprobs(token_bytes, weights)
+    codes, head, sstats = spelling.spelling_codes(logprobs, weights, free - 1)
+    single = spelling.single_byte_tokens(token_bytes, weights)
+    byte_codes = torch.stack([codes[v] if v >= 0 else torch.zeros(free - 1) for v in single])  # [256, r]
+    ws.byte_embeddings[:, d - free:] = 0.0
+    ws.byte_embeddings[OFFSET:OFFSET + 256, d - free:d - 1] = byte_codes
+    ws.byte_embeddings[:, d - 1] = spelling.KAPPA
+    entries = spelling.telescoped_free(layout, token_bytes, ws.rows, ws.owners, codes, byte_codes)
+    ws.free_entries = torch.cat([entries, torch.zeros(len(entries), 1)], 1)
+    ws.decoder = spelling.decoder_tensors(config, head, free, sstats["mean_log_partition"])
+    stats["spelling"] = sstats
 
 
 # ---- 1. weights and the weighted Gram matrix -> U, B ---------------------------------------------

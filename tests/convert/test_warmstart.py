@@ -475,3 +475,98 @@ def test_noise_ratio_leaves_busy_buckets_empty(setup):
         key = tb[v] if len(tb[v]) == n else tb[v][-n:]
         own = sum(1 for f in framed for i in range(len(f) - n + 1) if f[i:i + n] == key)  # overlapping too
         assert hits[n][bucket] - own <= 0.5 * own, (tb[v], int(hits[n][bucket]), own)
+
+
+# ---- the spelling warm start (vocab_warm_start.spelling) ---------------------------------------
+def test_next_byte_logprobs_of_a_toy_vocabulary():
+    """P(b | s): the tokens extending s by b, plus s's own weight times the next token's first-byte
+    distribution, normalised (weights a:1, b:2, ab:3, abc:4, bb:5)."""
+    from byteify.convert.spelling import next_byte_logprobs
+
+    vocab = [b"a", b"b", b"ab", b"abc", b"bb", None]
+    lp = next_byte_logprobs(vocab, torch.tensor([1.0, 2, 3, 4, 5, 0], dtype=torch.float64))
+    p = lp.exp()
+    first = torch.zeros(256, dtype=torch.float64)
+    first[ord("a")], first[ord("b")] = 8 / 15, 7 / 15  # a, ab, abc | b, bb
+    expected_ab = 3 / 7 * first
+    expected_ab[ord("c")] += 4 / 7
+    torch.testing.assert_close(p[2], expected_ab)
+    expected_a = 1 / 8 * first
+    expected_a[ord("b")] += 7 / 8  # ab and abc
+    torch.testing.assert_close(p[0], expected_a)
+    assert torch.allclose(p[:5].sum(1), torch.ones(5, dtype=torch.float64)) and float(lp[5].abs().sum()) == 0  # no bytes: a zero row
+
+
+@pytest.fixture(scope="module")
+def spelled(setup):
+    """``byteify convert --preset tiny`` with the warm start, 16 free coordinates and spelling."""
+    out = setup.root / "blt-spelling"
+    args = ["convert", str(setup.src), str(out), "--preset", "tiny", "--seed", "5", "--no-verify"]
+    for o in [*WARM, "vocab_warm_start.free_dims=16", "vocab_warm_start.spelling=true"]:
+        args += ["--set", o]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("byteify.convert.warmstart.token_counts", lambda tok, vocab, documents=None: setup.counts.clone())
+        r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.stdout + r.stderr
+    return out
+
+
+def test_spelling_codes_are_telescoped_and_read_by_the_decoder_at_step_0(setup, spelled):
+    """The free coordinates of the stock embedding sum hold the code of the longest written token
+    ending there (within fp32 summation, 1e-4) and the constant KAPPA; the written coordinates are
+    unchanged (bit for bit); the converted decoder is an identity whose next-byte logits are
+    ``head @ code`` (within 2%: the final RMSNorm's scale is KAPPA's up to the rest of the state);
+    so the converted model predicts held-out bytes at step 0 far better than uniform."""
+    from byteify.convert import spelling
+    from byteify.evaluate import evaluate_blt
+    from byteify.patching.patchers import build_patcher
+    from byteify.patching.spec import PatchingSpec
+    from byteify.resolve import load_blt
+
+    f = 16
+    config, ws = plan(setup, [f"vocab_warm_start.free_dims={f}", "vocab_warm_start.spelling=true"], seed=5)
+    _, plain = plan(setup, [f"vocab_warm_start.free_dims={f}"], seed=5)
+    d = config.encoder_config.hidden_size
+    tb = token_byte_strings(setup.tok)
+    w = torch.zeros(len(tb), dtype=torch.float64)
+    w[:len(setup.counts)] = setup.counts[:len(tb)] + 1
+    w[torch.tensor([not b for b in tb])] = 0
+    codes, head, stats = spelling.spelling_codes(spelling.next_byte_logprobs(tb, w), w, f - 1)
+    assert stats == ws.stats["spelling"]
+    data = held_out_text()
+    longest = longest_suffix_tokens(data, tb, max_len=8)
+    ids, sums = hash_sums(config, ws, data)
+    _, plain_sums = hash_sums(config, plain, data)
+    clean = clean_positions(config, ws, ids, longest, tb)
+    assert len(clean) > 0.9 * len(data)
+    expected = codes[torch.tensor([longest[t - 1] for t in clean])]
+    assert float((sums[clean][:, d - f:d - 1] - expected).abs().max()) < 1e-4
+    assert torch.equal(sums[:, d - 1], torch.full((ids.shape[1],), spelling.KAPPA))
+    assert torch.equal(sums[:, :d - f], plain_sums[:, :d - f])  # the token vectors and offsets as without spelling
+
+    _, model = load_blt(spelled, torch.float32)
+    sd = model.state_dict()
+    assert float(sd["model.local_decoder.layers.0.mlp.down_proj.weight"].abs().max()) == 0
+    assert float(sd["model.local_decoder.cross_attn_layers.0.o_proj.weight"].abs().max()) == 0
+    static = torch.full((1, (ids.shape[1] + 3) // 4), 4)
+    static[0, -1] = ids.shape[1] - 4 * (static.shape[1] - 1)
+    with one_thread(), torch.no_grad():
+        logits = model(input_ids=ids, patch_lengths=static, use_cache=False).logits[0, :, OFFSET:OFFSET + 256]
+    want = expected @ head.T
+    got = logits[clean]
+    centred = lambda x: x - x.mean(1, keepdim=True)  # noqa: E731
+    err = (centred(got) - centred(want)).abs().max(1).values / centred(want).abs().max(1).values
+    assert float(err.max()) < 0.02, float(err.max())
+    docs = [held_out_text(2000)]
+    with one_thread():
+        bpb = evaluate_blt(model, docs, build_patcher(PatchingSpec(mode="static", patch_size=4), model)).bits_per_byte
+        _, fresh = load_blt(setup.root / "blt-fp32", torch.float32)
+        fresh_bpb = evaluate_blt(fresh, docs, build_patcher(PatchingSpec(mode="static", patch_size=4), fresh)).bits_per_byte
+    assert bpb < 0.6 * fresh_bpb and fresh_bpb > 7.5, (bpb, fresh_bpb)
+
+
+def test_spelling_needs_free_coordinates(setup):
+    from byteify.errors import ByteifyError
+
+    with pytest.raises(ByteifyError, match=r"vocab_warm_start.spelling: needs free_dims >= 2"):
+        plan(setup, ["vocab_warm_start.spelling=true"])
