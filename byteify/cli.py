@@ -65,7 +65,7 @@ def _user_errors(fn):
 def convert(
     src: Annotated[str, typer.Argument(help="HF checkpoint directory (config.json + safetensors, sharded or not), a .gguf file, or a hub id")],
     out: Annotated[Path, typer.Argument(help="output directory (must not exist or be empty; not inside SRC)")],
-    preset: Annotated[str, typer.Option(help="sizes of the fresh parts: auto (scaled to the source), warm (auto with the vocabulary warm start and the hash sizes it needs), warm-16k (warm with 16,384 buckets per n-gram size), warm-kept (warm-16k with 128 coordinates free, for recipes with keep_warm_start), warm-kept-64k (warm-kept with 65,536 buckets: the shipped smollm2-135m recipe's), tiny, blt-1b, or a YAML file")] = "auto",
+    preset: Annotated[str, typer.Option(help="sizes of the fresh parts: auto (scaled to the source), warm (auto with the vocabulary warm start and the hash sizes it needs), warm-16k (warm with 16,384 buckets per n-gram size), warm-kept (warm-16k with 128 coordinates free, for recipes with keep_warm_start), warm-kept-64k (warm-kept with 65,536 buckets), warm-spell-64k (warm-kept-64k with the spelling warm start: the decoder predicts bytes at step 0), tiny, blt-1b, or a YAML file")] = "auto",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a preset key, e.g. --set encoder.hidden_size=256 (repeatable)")] = None,
     seed: Annotated[int, typer.Option(help="seed for the fresh parts")] = 0,
     dtype: Annotated[str, typer.Option(help="output dtype: auto (the source's), fp32, fp16, bf16")] = "auto",

@@ -17,7 +17,8 @@ into the free coordinates of the byte embeddings and of the written hash-table r
 token vectors are into the others (:mod:`byteify.convert.warmstart`), so the embedding sum at each
 byte carries the code of the longest written token ending there; the last free coordinate holds
 a constant ``KAPPA`` in every byte embedding.  The decoder starts as an identity (its attention,
-cross-attention and MLP output projections zero) and its LM head reads the codes: after the
+cross-attention and MLP output projections zero, its inner norms blind to the constant) and its
+LM head reads the codes: after the
 decoder's final RMSNorm, which the constant dominates (a near-fixed scale), the logits are
 ``head @ code`` (+ a bias for EOS through the constant coordinate).  Training then grows the
 decoder's reads of the global transformer and of the bytes from there.
@@ -31,8 +32,15 @@ import torch
 
 from ..tokenizer import BOE_ID, BOS_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE
 
-KAPPA = 32.0  # the constant free coordinate: its square (1024) dwarfs the rest of a byte state's (~1-4)
+# The codes have one unit of RMS per coordinate (a byte state's code part: |code|^2 ~ r), so the
+# updates training makes to the decoder's residual stream (Adam: ~1e-3 per weight and step) move
+# the logits little; the constant's square (4,096) dominates the rest of a byte state's (~r + 3:
+# SmolLM2 r = 127), so the decoder's final RMSNorm divides by ~KAPPA / sqrt(d) for most codes
+# (within ~2% at the mean code norm).  The decoder's inner norms get weight 0 on the constant's
+# coordinate: its layers read the codes (at ~sqrt(d) / KAPPA per unit), not a large constant.
+KAPPA = 64.0
 EOS_PER_BYTE = 1e-3  # the written head's prior for end of document (one per ~1,000 bytes)
+UNIFORM_SHARE = 0.01  # mixed into every written distribution: no byte below 0.01 / 256 (a finite, trainable head)
 
 
 def next_byte_logprobs(token_bytes: list[bytes | None], weights: torch.Tensor) -> torch.Tensor:
@@ -61,7 +69,7 @@ def next_byte_logprobs(token_bytes: list[bytes | None], weights: torch.Tensor) -
             p = own[s] * first
             for b in children.get(s, ()):
                 p[b] += sub[s + bytes([b])]
-            rows[s] = (p / p.sum()).clamp_min(1e-12).log()
+            rows[s] = ((1 - UNIFORM_SHARE) * p / p.sum() + UNIFORM_SHARE / 256).log()
         out[v] = rows[s]
     return out
 
@@ -69,14 +77,14 @@ def next_byte_logprobs(token_bytes: list[bytes | None], weights: torch.Tensor) -
 def spelling_codes(logprobs: torch.Tensor, weights: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(codes [V, rank], head [256, rank], stats): the weighted PCA of the centred
     log-probabilities, ``codes @ head.T`` their rank-``rank`` reconstruction; codes scaled to a
-    weighted mean squared norm of 1."""
+    weighted mean square of 1 per coordinate."""
     centred = logprobs - logprobs.mean(1, keepdim=True)
     w = weights / weights.sum()
     gram = centred.T @ (centred * w[:, None])
     evals, evecs = torch.linalg.eigh(gram)
     basis = evecs[:, -rank:].flip(1)  # 256 x r, largest first
     codes = centred @ basis
-    scale = float((codes.pow(2).sum(1) * w).sum().sqrt())
+    scale = float((codes.pow(2).mean(1) * w).sum().sqrt())
     recon = codes @ basis.T
     err = float(((recon - centred).pow(2).sum(1) * w).sum() / (centred.pow(2).sum(1) * w).sum())
     # the log-partition of the centred rows (what EOS's logit is measured against)
@@ -130,18 +138,25 @@ def telescoped_free(layout, token_bytes: list[bytes | None], rows: torch.Tensor,
 
 
 def decoder_tensors(config, head: torch.Tensor, free: int, log_partition: float) -> dict[str, torch.Tensor | None]:
-    """The decoder as an identity (output projections zero: None) and its LM head reading the
-    codes in the free coordinates: logits ``head @ code`` for the bytes, EOS at its prior, the
-    other specials far below, after the final RMSNorm's scale ``sqrt(d) / KAPPA``."""
+    """The decoder as an identity (output projections zero: None; inner norms blind to the
+    constant) and its LM head reading the codes in the free coordinates: logits ``head @ code``
+    for the bytes, EOS at its prior, the other specials far below, after the final RMSNorm's scale
+    ``sqrt(d) / KAPPA``."""
     d = config.decoder_config.hidden_size
     dec = config.decoder_config
     out: dict[str, torch.Tensor | None] = {}
     for i in range(dec.num_hidden_layers):
         out[f"model.local_decoder.layers.{i}.self_attn.o_proj.weight"] = None
         out[f"model.local_decoder.layers.{i}.mlp.down_proj.weight"] = None
+    blind = torch.ones(d)
+    blind[d - 1] = 0.0  # the inner norms do not pass the constant on
+    for i in range(dec.num_hidden_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"model.local_decoder.layers.{i}.{norm}.weight"] = blind
     n_cross = dec.num_hidden_layers if dec.cross_attn_all_layers else 1
     for j in range(n_cross):
         out[f"model.local_decoder.cross_attn_layers.{j}.o_proj.weight"] = None
+        out[f"model.local_decoder.cross_attn_layers.{j}.q_norm.weight"] = blind
     lm = torch.zeros(VOCAB_SIZE, d)
     r = head.shape[1]
     lm[OFFSET:OFFSET + 256, d - free:d - free + r] = head * (KAPPA / math.sqrt(d))

@@ -432,6 +432,7 @@ def test_preset_and_errors(setup, tmp_path):
     # conversion is that at 65,536 buckets (the decisive table's row 2qw64 conversion)
     assert load_spec("warm-kept") == load_spec("warm-16k", ["vocab_warm_start.free_dims=128"]) != load_spec("warm-16k")
     assert load_spec("warm-kept-64k") == load_spec("warm-kept", ["hash.vocab_size=65536"]) != load_spec("warm-kept")
+    assert load_spec("warm-spell-64k") == load_spec("warm-kept-64k", ["vocab_warm_start.spelling=true"]) != load_spec("warm-kept-64k")
     assert load_spec("warm-kept-64k") == load_spec("warm", ["vocab_warm_start.unit_exponent=-11", "hash.vocab_size=65536",
                                                       "vocab_warm_start.free_dims=128"])  # the benchmark's
     assert load_spec("warm-16k") == load_spec("warm", ["hash.vocab_size=16384"])
@@ -480,8 +481,8 @@ def test_noise_ratio_leaves_busy_buckets_empty(setup):
 # ---- the spelling warm start (vocab_warm_start.spelling) ---------------------------------------
 def test_next_byte_logprobs_of_a_toy_vocabulary():
     """P(b | s): the tokens extending s by b, plus s's own weight times the next token's first-byte
-    distribution, normalised (weights a:1, b:2, ab:3, abc:4, bb:5)."""
-    from byteify.convert.spelling import next_byte_logprobs
+    distribution, normalised, 1% uniform mixed in (weights a:1, b:2, ab:3, abc:4, bb:5)."""
+    from byteify.convert.spelling import UNIFORM_SHARE, next_byte_logprobs
 
     vocab = [b"a", b"b", b"ab", b"abc", b"bb", None]
     lp = next_byte_logprobs(vocab, torch.tensor([1.0, 2, 3, 4, 5, 0], dtype=torch.float64))
@@ -490,10 +491,11 @@ def test_next_byte_logprobs_of_a_toy_vocabulary():
     first[ord("a")], first[ord("b")] = 8 / 15, 7 / 15  # a, ab, abc | b, bb
     expected_ab = 3 / 7 * first
     expected_ab[ord("c")] += 4 / 7
-    torch.testing.assert_close(p[2], expected_ab)
+    mix = lambda q: (1 - UNIFORM_SHARE) * q + UNIFORM_SHARE / 256  # noqa: E731
+    torch.testing.assert_close(p[2], mix(expected_ab))
     expected_a = 1 / 8 * first
     expected_a[ord("b")] += 7 / 8  # ab and abc
-    torch.testing.assert_close(p[0], expected_a)
+    torch.testing.assert_close(p[0], mix(expected_a))
     assert torch.allclose(p[:5].sum(1), torch.ones(5, dtype=torch.float64)) and float(lp[5].abs().sum()) == 0  # no bytes: a zero row
 
 
@@ -511,11 +513,11 @@ def spelled(setup):
     return out
 
 
-def test_spelling_codes_are_telescoped_and_read_by_the_decoder_at_step_0(setup, spelled):
+def test_spelling_codes_are_telescoped_and_read_by_the_decoder_at_step_0(setup, spelled, converted):
     """The free coordinates of the stock embedding sum hold the code of the longest written token
     ending there (within fp32 summation, 1e-4) and the constant KAPPA; the written coordinates are
     unchanged (bit for bit); the converted decoder is an identity whose next-byte logits are
-    ``head @ code`` (within 2%: the final RMSNorm's scale is KAPPA's up to the rest of the state);
+    ``head @ code`` (within 5%: the final RMSNorm's scale is KAPPA's up to the rest of the state);
     so the converted model predicts held-out bytes at step 0 far better than uniform."""
     from byteify.convert import spelling
     from byteify.evaluate import evaluate_blt
@@ -556,11 +558,11 @@ def test_spelling_codes_are_telescoped_and_read_by_the_decoder_at_step_0(setup, 
     got = logits[clean]
     centred = lambda x: x - x.mean(1, keepdim=True)  # noqa: E731
     err = (centred(got) - centred(want)).abs().max(1).values / centred(want).abs().max(1).values
-    assert float(err.max()) < 0.02, float(err.max())
+    assert float(err.max()) < 0.05, float(err.max())
     docs = [held_out_text(2000)]
     with one_thread():
         bpb = evaluate_blt(model, docs, build_patcher(PatchingSpec(mode="static", patch_size=4), model)).bits_per_byte
-        _, fresh = load_blt(setup.root / "blt-fp32", torch.float32)
+        _, fresh = load_blt(converted["fp32"], torch.float32)
         fresh_bpb = evaluate_blt(fresh, docs, build_patcher(PatchingSpec(mode="static", patch_size=4), fresh)).bits_per_byte
     assert bpb < 0.6 * fresh_bpb and fresh_bpb > 7.5, (bpb, fresh_bpb)
 
