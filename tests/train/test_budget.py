@@ -19,13 +19,13 @@ def totals(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"total with activation checkpointing: ([\d.]+) GiB", text)]
 
 
-@pytest.mark.parametrize("preset", ["auto", "warm-16k", "warm-kept-64k"])
+@pytest.mark.parametrize("preset", ["auto", "warm-16k", "warm-spell-64k"])
 @pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
 def test_gpu_recipes_fit_an_80gb_gpu_on_8_gpus(name, preset, tmp_path):
-    """As shipped on the header's warm-kept-64k conversion, and as the header's alternative says on
+    """As shipped on the header's warm-spell-64k conversion, and as the header's alternative says on
     the others (its overrides are the header's words)."""
     header = shipped_recipes()[name].read_text()
-    assert "--preset warm-kept-64k" in header and f"'{' '.join(WITHOUT_WARM_START)}'" in header
+    assert "--preset warm-spell-64k" in header and f"'{' '.join(WITHOUT_WARM_START)}'" in header
     recipe, _ = load_recipe(name, [f"model={config_only_conversion(name, tmp_path, preset)}", *recipe_overrides(preset)])
     assert recipe.run.activation_checkpointing and recipe.data.sources[0].path.endswith(".parquet")
     text = plan(recipe, world=8)
@@ -35,7 +35,7 @@ def test_gpu_recipes_fit_an_80gb_gpu_on_8_gpus(name, preset, tmp_path):
 
 
 def test_budget_scales_with_world_size_checkpointing_and_micro_batch(tmp_path):
-    model = config_only_conversion("llama-3.2-1b", tmp_path, "warm-kept-64k")  # as the header converts
+    model = config_only_conversion("llama-3.2-1b", tmp_path, "warm-spell-64k")  # as the header converts
     recipe, _ = load_recipe("llama-3.2-1b", [f"model={model}"])
     one, eight = plan(recipe, world=1), plan(recipe, world=8)
     state = lambda t: [float(x) for x in re.findall(r"AdamW \(fp32, sharded\): ([\d.]+) GiB", t)]  # noqa: E731
@@ -51,9 +51,9 @@ def test_a_distilling_stage_counts_its_teacher(tmp_path):
     """teacher_kl runs the source model beside the student: its sharded weights (bf16 by default,
     fp32 on request), two gathered layers, one chunk of its head's logits and the byte targets join
     the per-GPU total and its forward the FLOPs; the shipped Llama 3.1 8B recipe (teacher_kl on both
-    stages, on its header's warm-kept-64k conversion) fits an 80 GB GPU at its micro-batch (the
+    stages, on its header's warm-spell-64k conversion) fits an 80 GB GPU at its micro-batch (the
     whole [tokens, vocabulary] logits would not: 21.3 GiB more)."""
-    model = config_only_conversion("llama-3.1-8b", tmp_path, "warm-kept-64k")
+    model = config_only_conversion("llama-3.1-8b", tmp_path, "warm-spell-64k")
     teacher_line = re.compile(r"teacher \(the source model, forward only[^)]*\): ([\d.]+) GiB")
 
     def dry(*extra):
