@@ -65,7 +65,9 @@ Design (``../shared/reference/vocabulary-warm-start.md``), as implemented and me
   the global's input is the same up to the projection's bf16 rounding); ``free_dims`` f keeps
   the content and offsets in the first d - f coordinates (rank d - f - 1) and fills the last f
   with random codes of the byte and its n-grams (a fresh table's draw, 1/sqrt(d) per table),
-  which the projection ignores exactly.
+  which the projection ignores exactly; ``spelling`` writes telescoped codes of each token's
+  next-byte distribution there instead and makes the decoder read them
+  (:mod:`byteify.convert.spelling`).
 * **bf16** (``bf16_exact``, default on): content is clipped at ``clip`` standard deviations and
   rounded to a grid, offsets are integers on that grid, and the grid is sized so that every
   table value, byte embedding and partial sum is an integer multiple of the grid step
