@@ -807,11 +807,14 @@ def format_stats(stats: dict) -> str:
     written = stats.get("written", {})
     coll = sum(stats.get("collisions", {}).values())
     lt = stats.get("long_tokens", {})
+    sp = stats.get("spelling")
+    spelling = (f"; spelling: next-byte codes of rank {sp['rank']} (relative error {sp['relative_error']:.1e}), "
+                "the decoder reads them from step 0" if sp else "")
     return (f"vocab warm start: {stats.get('entries', 0):,} hash-table entries (n={min(written, default='-')}.."
             f"{max(written, default='-')}), {coll:,} lost to collisions; {lt.get('count', 0):,} tokens longer than the "
             f"largest n ({lt.get('rule')}: {lt.get('written', 0):,} written); rank {stats.get('rank')} keeps "
             f"{100 * stats.get('energy_kept', 0):.1f}% of the {stats.get('frequencies')}-weighted embedding energy; "
-            f"{'exact in bf16' if stats.get('exact_in_bf16') else 'not bf16-exact'}; {stats.get('seconds', 0):.1f}s")
+            f"{'exact in bf16' if stats.get('exact_in_bf16') else 'not bf16-exact'}{spelling}; {stats.get('seconds', 0):.1f}s")
 
 
 def longest_suffix_tokens(data: bytes, token_bytes: list[bytes | None], max_len: int | None = None) -> list[int]:

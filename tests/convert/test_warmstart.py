@@ -510,6 +510,7 @@ def spelled(setup):
         mp.setattr("byteify.convert.warmstart.token_counts", lambda tok, vocab, documents=None: setup.counts.clone())
         r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.stdout + r.stderr
+    assert "spelling: next-byte codes of rank 15" in r.stdout
     return out
 
 
