@@ -363,6 +363,9 @@ def plan_warm_start(config, spec, tokenizer, embedding_blocks, seed: int = 0, co
     check_applicable(config)
     if spec.spelling and spec.free_dims < 2:
         raise ByteifyError(f"vocab_warm_start.spelling: needs free_dims >= 2 (codes and a constant), got {spec.free_dims}")
+    if spec.spelling and spec.decoder_ignores_offset:
+        raise ByteifyError("vocab_warm_start.spelling writes the decoder's LM head; decoder_ignores_offset would "
+                           "centre it: set one of them")
     d, k = config.encoder_config.hidden_size, config.cross_attn_k
     sizes = list(config.encoder_hash_byte_group_size)
     layout = _HashLayout(sizes=sizes, buckets=config.encoder_hash_byte_group_vocab,

@@ -568,8 +568,11 @@ def test_spelling_codes_are_telescoped_and_read_by_the_decoder_at_step_0(setup, 
     assert bpb < 0.6 * fresh_bpb and fresh_bpb > 7.5, (bpb, fresh_bpb)
 
 
-def test_spelling_needs_free_coordinates(setup):
+def test_spelling_needs_free_coordinates_and_its_own_decoder_head(setup):
     from byteify.errors import ByteifyError
 
     with pytest.raises(ByteifyError, match=r"vocab_warm_start.spelling: needs free_dims >= 2"):
         plan(setup, ["vocab_warm_start.spelling=true"])
+    with pytest.raises(ByteifyError, match=r"decoder_ignores_offset would centre it"):
+        plan(setup, ["vocab_warm_start.spelling=true", "vocab_warm_start.free_dims=16",
+                     "vocab_warm_start.decoder_ignores_offset=true"])
