@@ -113,14 +113,16 @@ def telescoped_free(layout, token_bytes: list[bytes | None], rows: torch.Tensor,
 
     r = codes.shape[1]
     free = torch.zeros(len(rows), r)
+    if not len(rows):  # nothing written: the byte codes alone
+        return free
     table_of = {n: i for i, n in reversed(list(enumerate(layout.sizes)))}  # first table of each size
     sizes = sorted(n for n in table_of if n >= 2)
 
     def lookup(strings: list[bytes], m: int) -> torch.Tensor:
         """The realised free entries of the m-grams ``strings`` (zero where no row is written)."""
         want = _hash_rows(strings, m, table_of[m], layout.buckets, layout.prime)
-        at = torch.searchsorted(rows, want).clamp(max=max(len(rows) - 1, 0))
-        hit = rows[at] == want if len(rows) else torch.zeros(len(want), dtype=torch.bool)
+        at = torch.searchsorted(rows, want).clamp(max=len(rows) - 1)
+        hit = rows[at] == want
         return torch.where(hit[:, None], free[at], torch.zeros(()))
 
     for n in sizes:
