@@ -333,6 +333,28 @@ def distill_recipe(steps: int) -> list:
             *plain_recipe(steps - first)]
 
 
+def kept_kl(steps: int, multipliers: dict | None = None, weight: float = 1.0, **extra) -> list:
+    """The kept rows' recipe: :func:`plain_recipe` with ``keep_warm_start`` and ``teacher_kl``."""
+    return plain_recipe(steps, multipliers, keep_warm_start=True, teacher_kl={"weight": weight}, **extra)
+
+
+ROW_RECIPES = {  # row -> its stages for a budget of ``steps`` (rows not named: plain_recipe)
+    **dict.fromkeys(("2", "4", "2b", "2s", "2f"), warm_recipe),
+    "2d": lambda steps: warm_recipe(steps, distill=True),
+    "2qd": distill_recipe,
+    "2ql": lambda steps: plain_recipe(steps, {"local_encoder": 0.05, "hash_embeddings": 0.05}),
+    **dict.fromkeys(("2qk", "5k"), lambda steps: plain_recipe(steps, teacher_kl={"weight": 1.0})),
+    "2qn": lambda steps: plain_recipe(steps, patch_norm={"max_norm": 6.0}),
+    "2qx": lambda steps: plain_recipe(steps, decoder_byte_dropout=0.3),
+    **dict.fromkeys(("2qw", "4qw", "2qw64"), lambda steps: plain_recipe(steps, keep_warm_start=True)),
+    **dict.fromkeys(KEPT_KL, kept_kl),
+    "2qw64kh": lambda steps: kept_kl(steps, {"global": 0.05}, lr=2e-3),
+    "2qw64k3": lambda steps: kept_kl(steps, weight=3.0),
+    "2qw64kg0": lambda steps: [{**kept_kl(steps)[0], "train": ALL[:3]}],
+    "2qw64kgh": lambda steps: kept_kl(steps, {"global": 0.3}),
+}
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -444,6 +466,7 @@ def plot(curves: dict, source: float, path: Path) -> bool:
     return True
 
 
+RANDOM_GLOBAL = {"4": "2", "4q": "2q", "4qw": "2qw", "5": "3"}  # row -> the row whose start it re-initialises the global of
 WARM_16K = ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")
 
 
@@ -466,21 +489,18 @@ def starting_models(work: Path, rows: list[str], seed: int) -> tuple[Path, dict[
                 "2qw64s": ("convert-warm-64k-spell", WARM_16K[1], "hash.vocab_size=65536", "vocab_warm_start.free_dims=128",
                            "vocab_warm_start.spelling=true"),
                 "2d": ("convert-warm-small", "vocab_warm_start.unit_exponent=-11")}  # 2s's conversion
-    needed = set(rows) | ({"2q"} if "4q" in rows else set()) | ({"2qw"} if "4qw" in rows else set()) | {KEPT_KL[r] for r in rows if r in KEPT_KL}  # 4q(w), KEPT_KL rows: another row's start
+    rows = set(rows) | ({"5"} if "5k" in rows else set())  # row 5k trains from row 5's start
+    needed = rows | {RANDOM_GLOBAL.get(r) for r in rows} | {KEPT_KL.get(r) for r in rows}  # with the rows whose start another uses
     for key, (name, *options) in variants.items():
         if key in needed:
             sets = [x for o in options for x in ("--set", o)]
             starts[key] = with_patcher(convert(work, name, "--preset", "warm", *sets), patcher, work / patcher_tagged(f"start-{key}"))
-    if "4" in rows:
-        starts["4"] = random_global(starts["2"], work / tagged("start-4", seed), seed + 1)
-    if "4q" in rows:
-        starts["4q"] = random_global(starts["2q"], work / tagged("start-4q", seed), seed + 1)
-    for key in set(KEPT_KL) & set(rows):
+    for key in KEPT_KL.keys() & rows:
         starts[key] = starts[KEPT_KL[key]]  # another row's starting model, its recipe + teacher_kl
-    if "4qw" in rows:
-        starts["4qw"] = random_global(starts["2qw"], work / tagged("start-4qw", seed), seed + 1)
-    if {"5", "5k"} & set(rows):
-        starts["5"] = starts["5k"] = random_global(starts["3"], work / tagged("start-5", seed), seed + 1)
+    for key in RANDOM_GLOBAL.keys() & rows:
+        starts[key] = random_global(starts[RANDOM_GLOBAL[key]], work / tagged(f"start-{key}", seed), seed + 1)
+    if "5k" in rows:
+        starts["5k"] = starts["5"]
     return base, starts
 
 
@@ -492,22 +512,7 @@ def run_rows(work: Path, rows: list[str], budgets: list[int], starts: dict, docs
                                    lambda key=key: evaluate(starts[key], docs))}
         for kb in budgets:
             steps = round(kb * 1024 / BATCH_BYTES)
-            recipe = (warm_recipe(steps, distill=key == "2d") if key in ("2", "4", "2b", "2d", "2s", "2f")
-                      else distill_recipe(steps) if key == "2qd"
-                      else plain_recipe(steps, {"local_encoder": 0.05, "hash_embeddings": 0.05}) if key == "2ql"
-                      else plain_recipe(steps, teacher_kl={"weight": 1.0}) if key in ("2qk", "5k")
-                      else plain_recipe(steps, patch_norm={"max_norm": 6.0}) if key == "2qn"
-                      else plain_recipe(steps, decoder_byte_dropout=0.3) if key == "2qx"
-                      else plain_recipe(steps, keep_warm_start=True) if key in ("2qw", "4qw", "2qw64")
-                      else plain_recipe(steps, {"global": 0.05}, lr=2e-3, keep_warm_start=True, teacher_kl={"weight": 1.0})
-                      if key == "2qw64kh"
-                      else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 3.0}) if key == "2qw64k3"
-                      else [{**plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 1.0})[0], "train": ALL[:3]}]
-                      if key == "2qw64kg0"
-                      else plain_recipe(steps, {"global": 0.3}, keep_warm_start=True, teacher_kl={"weight": 1.0})
-                      if key == "2qw64kgh"
-                      else plain_recipe(steps, keep_warm_start=True, teacher_kl={"weight": 1.0}) if key in KEPT_KL
-                      else plain_recipe(steps))
+            recipe = ROW_RECIPES.get(key, plain_recipe)(steps)
             run = run_recipe(work, tagged(f"{key}-{kb}kb", seed), starts[key], recipe, max(2, steps // 6), seed)
             res[key][kb], curves[curve_name(key, kb)] = finished_cell(run, docs)
         print(key, res[key], flush=True)
