@@ -102,7 +102,8 @@ Every run is resumable: rerun the same command and finished runs are skipped, in
 resume from their newest checkpoint (``--resume auto``).  The results file
 (``benchmarks/results/byteify_quality.json``, kept in git) is the record of every run finished so
 far: each invocation lays the runs it finished (and those it finds finished in ``--work``) over it,
-so runs spread over sessions and machines (the work directory is scratch) add up to one table;
+so runs spread over sessions and machines (the work directory is scratch; to resume an interrupted run
+in a later session, give a ``--work`` that outlives the session) add up to one table;
 ``--report-only`` trains and converts nothing, it only rewrites the table from the record.  A
 record made with another held-out size or step size is not merged.  Budgets: ``--budgets
 460,1500`` (KB of training text per row; 4 KB per step).  ``--seed N`` (N > 0) repeats rows
