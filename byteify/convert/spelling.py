@@ -147,12 +147,11 @@ def decoder_tensors(config, head: torch.Tensor, free: int, log_partition: float)
     d = config.decoder_config.hidden_size
     dec = config.decoder_config
     out: dict[str, torch.Tensor | None] = {}
-    for i in range(dec.num_hidden_layers):
-        out[f"model.local_decoder.layers.{i}.self_attn.o_proj.weight"] = None
-        out[f"model.local_decoder.layers.{i}.mlp.down_proj.weight"] = None
     blind = torch.ones(d)
     blind[d - 1] = 0.0  # the inner norms do not pass the constant on
     for i in range(dec.num_hidden_layers):
+        out[f"model.local_decoder.layers.{i}.self_attn.o_proj.weight"] = None
+        out[f"model.local_decoder.layers.{i}.mlp.down_proj.weight"] = None
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"model.local_decoder.layers.{i}.{norm}.weight"] = blind
     n_cross = dec.num_hidden_layers if dec.cross_attn_all_layers else 1
