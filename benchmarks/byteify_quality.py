@@ -85,6 +85,9 @@ same seed, same training bytes, the same held-out text and the same causal patch
    the decoder starts as an identity whose LM head reads them, so the model predicts bytes at step 0.
 2qw64kgh. (``--rows ...,2qw64kgh``) row 2qw64k with the global at 0.3x the local learning rate
    instead of 0.1x (3e-4): row 2qw64kg0 (frozen) fell behind, so does a faster global help?
+4qw64ks. (``--rows ...,4qw64ks``) row 4 for the shipped winner: row 2qw64ks's conversion with the
+   global re-initialised, row 2qw64ks's recipe (the same kept spelling warm start in front of a
+   random global: what the transplant adds to the warm start under the shipped recipe).
 2qw128ks. (``--rows ...,2qw128ks``) row 2qw64ks with 131,072 buckets per n-gram size (528M table
    parameters instead of 264M; ~4 GB more memory for their gradient and Adam state): fewer
    collisions, a tighter teacher-forced bound for the kept global's input (row 2qw64ks: 1.440, only
@@ -182,7 +185,8 @@ NAMES = {"1": "source SmolLM2 (token loss in bits/byte)",
          "2qw64ks": "row 2qw64k on the spelling warm start (the vocabulary's next-byte distributions in the free coordinates, read by the decoder from step 0)",
          "2qw128ks": "row 2qw64ks with 131,072 buckets per n-gram size (a tighter bound for the kept global's input)",
          "2qw64kgh": "row 2qw64k with the global at 0.3x the local learning rate (3e-4; 0.1x in every other row)",
-         "4qw": "row 2qw's conversion (written content kept) + random global, row 2qw's recipe"}
+         "4qw": "row 2qw's conversion (written content kept) + random global, row 2qw's recipe",
+         "4qw64ks": "row 2qw64ks's conversion (spelling warm start, written content kept) + random global, row 2qw64ks's recipe"}
 
 GATES = {"2": "warm start (--preset warm, unit_exponent -6)", "3": "no warm start (--preset auto)",
          "2s": "warm start, unit_exponent -11 (row 2s)", "2f": "warm start, unit_exponent -11, free_dims 128 (row 2f)",
@@ -354,7 +358,7 @@ ROW_RECIPES = {  # row -> its stages for a budget of ``steps`` (rows not named: 
     "2qn": lambda steps: plain_recipe(steps, patch_norm={"max_norm": 6.0}),
     "2qx": lambda steps: plain_recipe(steps, decoder_byte_dropout=0.3),
     **dict.fromkeys(("2qw", "4qw", "2qw64"), lambda steps: plain_recipe(steps, keep_warm_start=True)),
-    **dict.fromkeys(KEPT_KL, kept_kl),
+    **dict.fromkeys((*KEPT_KL, "4qw64ks"), kept_kl),
     "2qw64kh": lambda steps: kept_kl(steps, {"global": 0.05}, lr=2e-3),
     "2qw64k3": lambda steps: kept_kl(steps, weight=3.0),
     "2qw64kg0": lambda steps: [{**kept_kl(steps)[0], "train": ALL[:3]}],
@@ -473,7 +477,7 @@ def plot(curves: dict, source: float, path: Path) -> bool:
     return True
 
 
-RANDOM_GLOBAL = {"4": "2", "4q": "2q", "4qw": "2qw", "5": "3"}  # row -> the row whose start it re-initialises the global of
+RANDOM_GLOBAL = {"4": "2", "4q": "2q", "4qw": "2qw", "4qw64ks": "2qw64s", "5": "3"}  # row -> the row whose start it re-initialises the global of
 WARM_16K = ("convert-warm-16k", "vocab_warm_start.unit_exponent=-11", "hash.vocab_size=16384")
 
 
