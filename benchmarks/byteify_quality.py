@@ -378,6 +378,21 @@ def summary(run: Path) -> dict:
     return next(r["summary"] for r in metrics(run) if "summary" in r)
 
 
+def seconds_per_step(run: Path) -> float:
+    """Wall seconds per step of a finished run's last process (a resumed run's summary times only
+    the process that finished it).  Summaries written before the trainer counted ``steps_run``:
+    that process's steps from the log, whose ``elapsed_s`` restarts with each process."""
+    s = summary(run)
+    if "steps_run" in s:
+        return s["wall_seconds"] / max(s["steps_run"], 1)
+    log = [r for r in metrics(run) if "elapsed_s" in r]
+    start = max(i for i, r in enumerate(log) if i == 0 or r["elapsed_s"] < log[i - 1]["elapsed_s"])
+    if start == 0:
+        return s["wall_seconds"] / s["steps"]
+    last = log[start:]
+    return (last[-1]["elapsed_s"] - last[0]["elapsed_s"]) / (last[-1]["step"] - last[0]["step"])
+
+
 def held_out_docs(max_bytes: int) -> list[bytes]:
     from byteify.data.streams import decide_holdout, held_out_documents
     from byteify.train.recipe import load_recipe
@@ -547,7 +562,7 @@ def finished_cell(run: Path, docs) -> tuple[dict, list]:
                    lambda: {"bound_after": step0_gate(newest_model(run), source, docs)["bound_bpb"]})
     s = summary(run)
     return {**final, **other, **bound, "bytes_seen": s["bytes_seen"], "wall_s": s["wall_seconds"],
-            "s_per_step": s["wall_seconds"] / s["steps"]}, curve(run)
+            "s_per_step": seconds_per_step(run)}, curve(run)
 
 
 def recorded_results(path: Path, config: dict, work: Path, rows: list[str], budgets: list[int], docs):

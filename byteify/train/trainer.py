@@ -89,6 +89,7 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.writer = self._tensorboard()
         self.t_start = time.perf_counter()
+        self.first_step = self.state["global_step"]  # steps before this process (a resumed run's)
         self.last_checkpoint = self.resume_from
 
     def _validation(self):
@@ -263,6 +264,7 @@ class Trainer:
             peak = torch.cuda.max_memory_allocated(self.dist.device) / 2**20
         summary = {"bytes_seen": self.state["bytes_seen"], "wall_seconds": round(time.perf_counter() - self.t_start, 2),
                    "peak_memory_mb": round(peak, 1), "steps": self.state["global_step"],
+                   "steps_run": self.state["global_step"] - self.first_step,  # by this process, in wall_seconds
                    "final_val_bpb": self.state.get("last_val_bpb"),
                    "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                    "stopped_early": stopped_early}
