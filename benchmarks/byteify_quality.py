@@ -303,8 +303,9 @@ def stage(name, train, steps, lr=1e-3, **extra):
 
 
 def done(run: Path) -> bool:
+    """The run has finished: its last process wrote a summary and was not stopped early."""
     m = run / "metrics.jsonl"
-    return m.exists() and '"summary"' in m.read_text()
+    return m.exists() and '"summary"' in m.read_text() and not summary(run)["stopped_early"]
 
 
 def run_recipe(work: Path, name: str, model: Path, stages: list, eval_every: int, seed: int) -> Path:
@@ -375,7 +376,8 @@ def curve(run: Path) -> list[tuple[int, float]]:
 
 
 def summary(run: Path) -> dict:
-    return next(r["summary"] for r in metrics(run) if "summary" in r)
+    """The summary of the run's last process (one stopped by ``run.stop_after`` wrote its own)."""
+    return [r["summary"] for r in metrics(run) if "summary" in r][-1]
 
 
 def seconds_per_step(run: Path) -> float:
