@@ -372,7 +372,9 @@ def metrics(run: Path) -> list[dict]:
 
 
 def curve(run: Path) -> list[tuple[int, float]]:
-    return [(r["bytes_seen"], r["val_bpb"]) for r in metrics(run) if r.get("val_bpb") is not None]
+    """(bytes seen, validation bits per byte); a step logged twice (a process that died after it,
+    before its next checkpoint, and the resumed one) counts once, as the last process logged it."""
+    return sorted({r["bytes_seen"]: r["val_bpb"] for r in metrics(run) if r.get("val_bpb") is not None}.items())
 
 
 def summary(run: Path) -> dict:
