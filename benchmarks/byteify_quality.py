@@ -383,18 +383,17 @@ def summary(run: Path) -> dict:
 
 
 def seconds_per_step(run: Path) -> float:
-    """Wall seconds per step of a finished run's last process (a resumed run's summary times only
-    the process that finished it).  Summaries written before the trainer counted ``steps_run``:
-    that process's steps from the log, whose ``elapsed_s`` restarts with each process."""
+    """Wall seconds per step of a finished run: its summary's for a run of one process; for a
+    resumed one (its summary times only the last process, setup included) from the log, whose
+    ``elapsed_s`` restarts with each process: the logged span of each process over its steps."""
     s = summary(run)
-    if "steps_run" in s:
-        return s["wall_seconds"] / max(s["steps_run"], 1)
-    log = [r for r in metrics(run) if "elapsed_s" in r]
-    start = max(i for i, r in enumerate(log) if i == 0 or r["elapsed_s"] < log[i - 1]["elapsed_s"])
-    if start == 0:
+    log = [r for r in metrics(run) if "elapsed_s" in r and "step" in r]
+    starts = [i for i, r in enumerate(log) if i == 0 or r["elapsed_s"] < log[i - 1]["elapsed_s"]]
+    if len(starts) == 1:
         return s["wall_seconds"] / s["steps"]
-    last = log[start:]
-    return (last[-1]["elapsed_s"] - last[0]["elapsed_s"]) / (last[-1]["step"] - last[0]["step"])
+    parts = [log[a:b] for a, b in zip(starts, starts[1:] + [len(log)])]
+    return (sum(p[-1]["elapsed_s"] - p[0]["elapsed_s"] for p in parts)
+            / sum(p[-1]["step"] - p[0]["step"] for p in parts))
 
 
 def held_out_docs(max_bytes: int) -> list[bytes]:
